@@ -1,0 +1,390 @@
+"""Differentiable similarity measures between two representations of the same examples.
+
+Every measure takes ``x: (n, d1)`` and ``y: (n, d2)`` (rows are the same n examples) and returns a
+0-dim tensor. All are computed in float32 at least (float64 stays float64), outside autocast, so
+bf16/fp16 activations from mixed-precision training are measured exactly as fp32 ones would be.
+
+Conventions shared by every measure:
+
+* Features are centred by subtracting column means (never with an n×n centring-matrix product).
+* Each input is divided by its (detached) largest absolute centred entry before any product. Every
+  measure here is invariant to isotropic scaling, so this changes neither the value nor the gradient,
+  and it keeps 1e-20- or 1e20-scaled activations from under- or overflowing in float32.
+* A *constant* input (every row identical, to rounding) has no structure to compare: the
+  similarity is defined as exactly 0, with zero (finite) gradients. Note this means a layer that has
+  collapsed to a constant receives no alignment gradient.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Measure",
+    "Prepared",
+    "cka",
+    "get_measure",
+    "list_measures",
+    "register_measure",
+    "similarity",
+]
+
+_MEASURES: dict[str, type["Measure"]] = {}
+
+
+def register_measure(name: str) -> Callable[[type["Measure"]], type["Measure"]]:
+    """Class decorator: make a :class:`Measure` subclass available under ``name``."""
+
+    def decorator(cls: type[Measure]) -> type[Measure]:
+        if name in _MEASURES:
+            raise ValueError(f"a similarity measure named {name!r} is already registered")
+        cls.name = name
+        _MEASURES[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_measures() -> list[str]:
+    """Names accepted by :func:`get_measure`."""
+    return sorted(_MEASURES)
+
+
+def get_measure(name: str, **kwargs) -> "Measure":
+    """An instance of the measure registered as ``name`` (kwargs go to its constructor)."""
+    if name not in _MEASURES:
+        close = difflib.get_close_matches(name, list(_MEASURES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown similarity measure {name!r}; available: {', '.join(list_measures())}.{hint}"
+        )
+    return _MEASURES[name](**kwargs)
+
+
+def similarity(x: Tensor, y: Tensor, measure: str = "cka", **kwargs) -> Tensor:
+    """Similarity of ``x: (n, d1)`` and ``y: (n, d2)`` under the named measure."""
+    return get_measure(measure, **kwargs)(x, y)
+
+
+def cka(
+    x: Tensor,
+    y: Tensor,
+    estimator: str = "biased",
+    kernel: str = "linear",
+    bandwidth: float = 1.0,
+) -> Tensor:
+    """Centered kernel alignment of ``x: (n, d1)`` and ``y: (n, d2)``.
+
+    ``estimator="biased"`` is the paper's (Kornblith et al. 2019); ``"unbiased"`` uses the unbiased
+    HSIC of Song et al. 2012 (the minibatch CKA of Nguyen et al. 2021) and needs n >= 4.
+    ``kernel="rbf"`` uses a Gaussian kernel with sigma = bandwidth * sqrt(median squared distance).
+    """
+    if estimator not in ("biased", "unbiased"):
+        raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
+    if kernel == "linear":
+        return get_measure("cka" if estimator == "biased" else "cka_unbiased")(x, y)
+    if kernel == "rbf":
+        if estimator != "biased":
+            raise ValueError("kernel='rbf' is implemented with the biased estimator only")
+        return get_measure("cka_rbf", bandwidth=bandwidth)(x, y)
+    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared preparation
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Prepared:
+    """One input, centred and rescaled once, with its products computed lazily and cached.
+
+    Guidance prepares each guide layer once per step and reuses it for every pair that names it,
+    so the guide-side Gram matrix is built once whatever the number of pairs.
+    """
+
+    def __init__(self, x: Tensor, min_n: int = 2):
+        if x.dim() != 2:
+            raise ValueError(
+                f"similarity inputs must be 2-D (n, d); got shape {tuple(x.shape)}. "
+                "Flatten or pool activations to (n, d) first."
+            )
+        n = x.shape[0]
+        if n < min_n:
+            raise ValueError(f"this measure needs at least {min_n} examples (rows); got n={n}")
+        x = x.to(_compute_dtype(x))
+        self.n, self.d = x.shape
+        mean = x.mean(dim=0, keepdim=True)
+        xc = x - mean
+        # Scale-free constant test: rounding in the mean leaves residuals of a few ulps of |x|.
+        top = x.detach().abs().amax()
+        spread = xc.detach().abs().amax()
+        eps = torch.finfo(x.dtype).eps
+        self.constant = spread <= 64 * eps * top
+        scale = torch.where(self.constant | (spread == 0), torch.ones_like(spread), spread)
+        self.x = torch.where(self.constant, torch.zeros_like(xc), xc / scale)
+        self._gram: Tensor | None = None
+        self._cov: Tensor | None = None
+
+    @property
+    def gram(self) -> Tensor:
+        """(n, n) linear Gram matrix of the centred features (hence already double-centred)."""
+        if self._gram is None:
+            self._gram = self.x @ self.x.T
+        return self._gram
+
+    @property
+    def cov(self) -> Tensor:
+        """(d, d) feature cross-product of the centred features."""
+        if self._cov is None:
+            self._cov = self.x.T @ self.x
+        return self._cov
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"expected x: (n, d1) and y: (n, d2) with the same n; got x {tuple(x.shape)} and "
+            f"y {tuple(y.shape)}"
+        )
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den <= 0 (constant inputs), with finite gradients everywhere."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _safe_sqrt(v: Tensor) -> Tensor:
+    ok = v > 0
+    return torch.where(ok, torch.where(ok, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+class Measure:
+    """Base class: ``measure(x, y)`` prepares both inputs then calls :meth:`compare`.
+
+    Subclasses set ``min_n`` and implement ``compare(px, py)`` on two :class:`Prepared` inputs.
+    """
+
+    name = ""
+    min_n = 2
+
+    def prepare(self, x: Tensor) -> Prepared:
+        return Prepared(x, self.min_n)
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        _check_pair(x, y)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            px, py = self.prepare(x), self.prepare(y)
+            if px.x.dtype != py.x.dtype:
+                dtype = torch.promote_types(px.x.dtype, py.x.dtype)
+                px, py = self.prepare(x.to(dtype)), self.prepare(y.to(dtype))
+            return self.compare(px, py)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _use_gram_form(n: int, d1: int, d2: int) -> bool:
+    """Whether n×n Grams are cheaper than the d1×d2 cross-product form (multiply-add counts)."""
+    gram_cost = n * n * (d1 + d2) + 3 * n * n
+    feature_cost = n * d1 * d2 + min(n * n * d1, n * d1 * d1) + min(n * n * d2, n * d2 * d2)
+    return gram_cost <= feature_cost
+
+
+def _self_inner(p: Prepared) -> Tensor:
+    """<K, K>_F for K = X Xᵀ, by whichever of the two equal forms is cheaper."""
+    if p._gram is not None or p.n <= p.d:
+        return (p.gram * p.gram).sum()
+    return (p.cov * p.cov).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Linear CKA
+
+
+@register_measure("cka")
+class LinearCKA(Measure):
+    """Linear CKA with the biased HSIC estimator (Kornblith et al. 2019), the paper's choice.
+
+    CKA = <Kc, Lc> / (|Kc| |Lc|) with Kc the centred Gram of x. With centred features this is
+    |XᵀY|² / (|XᵀX| |YᵀY|), so the form with the smaller matrices is used.
+    """
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        if _use_gram_form(px.n, px.d, py.d):
+            cross = (px.gram * py.gram).sum()
+        else:
+            cross = (px.x.T @ py.x).square().sum()
+        return _safe_div(cross, _safe_sqrt(_self_inner(px)) * _safe_sqrt(_self_inner(py)))
+
+
+@register_measure("cka_unbiased")
+class UnbiasedLinearCKA(Measure):
+    """Linear CKA from the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021).
+
+    Written as the inner product of U-centred Grams (Székely & Rizzo 2014), which equals
+    n(n-3)·HSIC₁, so the value is bounded by Cauchy-Schwarz. Needs n >= 4.
+    """
+
+    min_n = 4
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        n = px.n
+        if _use_gram_form(n, px.d, py.d):
+            return _safe_div(
+                _u_inner(px.gram, py.gram),
+                _safe_sqrt(_u_inner(px.gram, px.gram)) * _safe_sqrt(_u_inner(py.gram, py.gram)),
+            )
+        sx, sy = _FeatureSums(px), _FeatureSums(py)
+        cross = (px.x.T @ py.x).square().sum()
+        xy = sx.u_inner(sy, cross)
+        xx = sx.u_inner(sx, _self_inner(px))
+        yy = sy.u_inner(sy, _self_inner(py))
+        return _safe_div(xy, _safe_sqrt(xx) * _safe_sqrt(yy))
+
+
+def _u_inner(k: Tensor, l: Tensor) -> Tensor:
+    """n(n-3)·HSIC₁(K, L) from two (n, n) Grams: tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1."""
+    n = k.shape[0]
+    kt = k - torch.diag_embed(k.diagonal())
+    lt = l - torch.diag_embed(l.diagonal())
+    rk, rl = kt.sum(dim=1), lt.sum(dim=1)
+    return (kt * lt).sum() + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl)
+
+
+class _FeatureSums:
+    """The O(n·d) quantities HSIC₁ needs besides ‖XᵀY‖², for the feature (d1×d2) form."""
+
+    def __init__(self, p: Prepared):
+        self.n = p.n
+        self.diag = p.x.square().sum(dim=1)  # K_ii
+        # Row sums of K̃ = X (Xᵀ1) - K_ii; with centred features Xᵀ1 = 0, but keep it exact.
+        self.rows = p.x @ p.x.sum(dim=0) - self.diag
+        self.total = self.rows.sum()
+
+    def u_inner(self, other: "_FeatureSums", cross: Tensor) -> Tensor:
+        n = self.n
+        trace = cross - (self.diag * other.diag).sum()
+        return (
+            trace
+            + self.total * other.total / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (self.rows @ other.rows)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels on Grams: RBF CKA and RSA
+
+
+def _sq_distances(p: Prepared) -> Tensor:
+    """(n, n) squared Euclidean distances between rows, exactly zero on the diagonal."""
+    g = p.gram
+    sq = g.diagonal()
+    d = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(0)
+    return d - torch.diag_embed(d.diagonal())
+
+
+def _upper(m: Tensor) -> Tensor:
+    i, j = torch.triu_indices(m.shape[0], m.shape[0], offset=1, device=m.device)
+    return m[i, j]
+
+
+def _double_centre(k: Tensor) -> Tensor:
+    """H K H in O(n²): subtract row and column means, add back the grand mean."""
+    return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+
+
+@register_measure("cka_rbf")
+class RbfCKA(Measure):
+    """CKA with Gaussian kernels, sigma² = bandwidth² · median off-diagonal squared distance.
+
+    The median is the lower middle value for an even count (torch.median); it is not detached,
+    so gradients are exact almost everywhere.
+    """
+
+    def __init__(self, bandwidth: float = 1.0):
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        self.bandwidth = bandwidth
+
+    def _centred_kernel(self, p: Prepared) -> Tensor:
+        d = _sq_distances(p)
+        med = _upper(d).median()
+        sigma2 = self.bandwidth**2 * torch.where(med > 0, med, torch.ones_like(med))
+        return _double_centre(torch.exp(-d / (2 * sigma2)))
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        kx, ky = self._centred_kernel(px), self._centred_kernel(py)
+        num = (kx * ky).sum()
+        den = _safe_sqrt((kx * kx).sum()) * _safe_sqrt((ky * ky).sum())
+        # A constant input has all-zero distances: its centred kernel vanishes to rounding only.
+        value = _safe_div(num, den)
+        return torch.where(px.constant | py.constant, torch.zeros_like(value), value)
+
+    def __repr__(self) -> str:
+        return f"RbfCKA(bandwidth={self.bandwidth})"
+
+
+@register_measure("rsa")
+class RSA(Measure):
+    """Pearson correlation of the two RDMs' upper triangles; RDM = squared Euclidean distances."""
+
+    min_n = 3
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        a = _upper(_sq_distances(px))
+        b = _upper(_sq_distances(py))
+        a = a - a.mean()
+        b = b - b.mean()
+        return _safe_div((a * b).sum(), _safe_sqrt((a * a).sum()) * _safe_sqrt((b * b).sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# Orthogonal Procrustes
+
+
+def _narrow(p: Prepared) -> Tensor:
+    """An (n, n) matrix with the same Gram as the centred p.x, for inputs wider than they are tall.
+
+    The singular values of XᵀY depend on x and y only through their Grams, so a 65k-wide layer
+    costs a QR of (d, n) instead of a d1×d2 product. Centred rows are linearly dependent (they
+    sum to zero) and QR's gradient needs full rank, so the QR is taken of [X, 1], whose Gram is
+    XXᵀ + 11ᵀ, and the ones are removed afterwards by centring the small factor.
+    """
+    if p.d <= p.n:
+        return p.x
+    if bool(p.constant):
+        return p.x[:, : p.n]
+    augmented = torch.cat([p.x, torch.ones_like(p.x[:, :1])], dim=1)
+    factor = torch.linalg.qr(augmented.T, mode="reduced").R.T
+    return factor - factor.mean(dim=0, keepdim=True)
+
+
+@register_measure("procrustes")
+class Procrustes(Measure):
+    """1 − d²/2, d the orthogonal Procrustes distance of the centred, unit-Frobenius inputs.
+
+    Equals the nuclear norm ‖XnᵀYn‖_* in [0, 1].
+    """
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        a, b = _narrow(px), _narrow(py)
+        nx = _safe_sqrt(a.square().sum())
+        ny = _safe_sqrt(b.square().sum())
+        nuclear = torch.linalg.svdvals(a.T @ b).sum()
+        return _safe_div(nuclear, nx * ny)
