@@ -1,8 +1,31 @@
-"""repguide: guidance, training a target network to align layer by layer with a frozen guide."""
+"""repguide: guidance, training a target network to align layer by layer with a frozen guide.
+
+>>> guidance = repguide.Guidance(target, guide, pairs="stretch", measure="cka", weight=1.0)
+>>> out = guidance(x)                      # one target forward, one frozen-guide forward
+>>> loss = task_loss(out.output, y) + out.loss
+"""
 
 from repguide import similarity
+from repguide.capture import discover, layers
+from repguide.guidance import Constant, Guidance, GuidanceOutput, OffAfter, WeightSchedule
+from repguide.pairing import Pair, stretch
 from repguide.similarity import cka, get_measure, list_measures, register_measure
 
 __version__ = "0.1.0"
 
-__all__ = ["cka", "get_measure", "list_measures", "register_measure", "similarity"]
+__all__ = [
+    "Constant",
+    "Guidance",
+    "GuidanceOutput",
+    "OffAfter",
+    "Pair",
+    "WeightSchedule",
+    "cka",
+    "discover",
+    "get_measure",
+    "layers",
+    "list_measures",
+    "register_measure",
+    "similarity",
+    "stretch",
+]

@@ -1,0 +1,62 @@
+"""The paper's architectures at configurable size, built by name through one registry.
+
+``create("deep_fcn", depth=24)`` or ``deep_fcn(depth=24)``; ``list_models()`` gives every name.
+Each model is a plain ``nn.Module`` whose conceptual layers are submodules with stable dotted
+names (``blocks.3``, ``layer2.1.conv1``, ``layers.0``), so forward hooks can find them.
+"""
+
+from repguide.models._registry import create, list_models, register
+from repguide.models.sequence import (
+    ParityRNN,
+    ParityTransformer,
+    RecurrentLM,
+    TransformerLM,
+    copy_rnn,
+    copy_transformer,
+    gru_lm,
+    lstm_lm,
+    parity_rnn,
+    parity_transformer,
+    rnn_lm,
+    transformer_lm,
+)
+from repguide.models.vision import (
+    FCN,
+    ResNet,
+    ResNetBlock,
+    ViT,
+    deep_fcn,
+    plain_convnet,
+    resnet18,
+    resnet50,
+    vit,
+    wide_fcn,
+)
+
+__all__ = [
+    "FCN",
+    "ParityRNN",
+    "ParityTransformer",
+    "RecurrentLM",
+    "ResNet",
+    "ResNetBlock",
+    "TransformerLM",
+    "ViT",
+    "copy_rnn",
+    "copy_transformer",
+    "create",
+    "deep_fcn",
+    "gru_lm",
+    "list_models",
+    "lstm_lm",
+    "parity_rnn",
+    "parity_transformer",
+    "plain_convnet",
+    "register",
+    "resnet18",
+    "resnet50",
+    "rnn_lm",
+    "transformer_lm",
+    "vit",
+    "wide_fcn",
+]

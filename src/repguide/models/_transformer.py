@@ -1,0 +1,149 @@
+"""Pieces shared by the Transformer models: attention, pre-norm block, positions, init."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal or bidirectional: ``(n, T, dim) → (n, T, dim)``.
+
+    Written on ``scaled_dot_product_attention`` rather than ``nn.MultiheadAttention`` so the
+    module returns one batch-first tensor (no tuple for hooks to unpack).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True where a key may be attended."""
+        n, t, dim = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )
+        return self.proj(out.transpose(1, 2).reshape(n, t, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer block ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))``: ``(n, T, dim) → (n, T, dim)``."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout, causal)
+        self.drop = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(dim, mlp_dim),
+                act=nn.GELU(),
+                fc2=nn.Linear(mlp_dim, dim),
+                drop=nn.Dropout(dropout),
+            )
+        )
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True at real (non-pad) tokens."""
+        x = x + self.drop(self.attn(self.norm1(x), key_mask))
+        return x + self.mlp(self.norm2(x))
+
+
+def make_blocks(
+    depth: int, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool, tie: bool = False
+) -> nn.ModuleList:
+    """``depth`` blocks, each with its own weights unless ``tie``.
+
+    Tied blocks stay distinct modules that share parameter tensors, so a forward hook on
+    ``blocks.i`` fires once per forward, at depth i (the official code repeated one module object,
+    which made the layers indistinguishable).
+    """
+    blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_dim, dropout, causal) for _ in range(depth))
+    if tie:
+        for block in blocks[1:]:
+            for src, dst in zip(blocks[0].modules(), block.modules()):
+                for name, param in src.named_parameters(recurse=False):
+                    setattr(dst, name, param)
+    return blocks
+
+
+class LearnedPositions(nn.Module):
+    """Adds a learned position vector per position: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight[: x.shape[1]]
+
+
+class SinusoidalPositions(nn.Module):
+    """Adds the fixed sin/cos table of Vaswani et al.: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(max_len, dim)
+        table[:, 0::2] = torch.sin(position * freq)
+        table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+        # Not persistent: it is a function of (max_len, dim), so checkpoints need not carry it.
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.table[: x.shape[1]]
+
+
+def make_positions(kind: str, max_len: int, dim: int) -> nn.Module:
+    """The position module for ``kind`` = ``"learned"`` or ``"sinusoidal"``."""
+    if kind == "learned":
+        return LearnedPositions(max_len, dim)
+    if kind == "sinusoidal":
+        return SinusoidalPositions(max_len, dim)
+    raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {kind!r}")
+
+
+def init_weights(model: nn.Module, positions: str) -> None:
+    """GPT-2 style init: Linear and Embedding weights N(0, 0.02), biases 0.
+
+    LayerNorm keeps PyTorch's init (gain 1, bias 0); the official code drew its gains from
+    N(0, 0.02), which almost switches every normalised branch off. Token embeddings start at the
+    scale of the position signal added to them: 0.02 beside learned positions, 1 beside the
+    unit-amplitude sinusoidal table.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0 if positions == "sinusoidal" else 0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+
+def check_length(t: int, max_len: int) -> None:
+    """Raise if a sequence of length ``t`` does not fit the position table."""
+    if t > max_len:
+        raise ValueError(f"sequence length {t} exceeds max_len={max_len}; build the model with a larger max_len")

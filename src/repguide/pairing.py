@@ -1,0 +1,137 @@
+"""Which target layer is aligned with which guide layer: explicit pairs, the paper's stretch, patterns."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = ["Pair", "PairSpec", "resolve_pairs", "stretch"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Align the activation of ``target`` with that of ``guide``; ``weight`` scales its loss term."""
+
+    target: str
+    guide: str
+    weight: float = 1.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.target, self.guide)
+
+
+#: ``"stretch"``; a list of ``(target, guide)`` / ``(target, guide, weight)`` / :class:`Pair`;
+#: or ``{"target": names-or-globs, "guide": names-or-globs}`` (the matched layers are stretched).
+PairSpec = Union[str, Sequence, Mapping]
+
+
+def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[Pair]:
+    """Spread the shorter layer list evenly over the longer one, first to first and last to last.
+
+    With S guide and T target layers and S <= T, guide layer i is paired with target layer
+    round(i·(T−1)/(S−1)), the paper's rule (Python's half-to-even round, as the official code).
+    With S > T the official code wrote several guide layers to one target layer and kept only the
+    last; here the target is spread over the guide instead, target layer j with guide layer
+    round(j·(S−1)/(T−1)), so every computed pair counts.
+    """
+    t, s = len(target_layers), len(guide_layers)
+    if t == 0 or s == 0:
+        raise ValueError(
+            f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
+        )
+    if s <= t:
+        step = (t - 1) / (s - 1) if s > 1 else 0.0
+        return [Pair(target_layers[round(i * step)], g) for i, g in enumerate(guide_layers)]
+    step = (s - 1) / (t - 1) if t > 1 else 0.0
+    return [Pair(tl, guide_layers[round(j * step)]) for j, tl in enumerate(target_layers)]
+
+
+def _select(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
+    """Layers matching any of the names or glob patterns, in ``available``'s (execution) order."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen = []
+    for pattern in patterns:
+        matched = [name for name in available if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(_no_match_message(pattern, available, role))
+        chosen.extend(matched)
+    ordered = set(chosen)
+    return [name for name in available if name in ordered]
+
+
+def _no_match_message(name: str, available: Sequence[str], role: str) -> str:
+    close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
+    return f"no {role} layer matches {name!r}.{hint} Available {role} layers: {listing}"
+
+
+def resolve_pairs(
+    spec: PairSpec,
+    target_layers: Sequence[str] | None = None,
+    guide_layers: Sequence[str] | None = None,
+) -> list[Pair]:
+    """Turn a pair specification into an explicit, validated list of :class:`Pair`.
+
+    ``target_layers``/``guide_layers`` are the available layer names in execution order (needed for
+    ``"stretch"`` and patterns; explicit pairs are checked against them when given).
+    """
+    if isinstance(spec, str):
+        if spec != "stretch":
+            raise ValueError(
+                f"unknown pairing {spec!r}: use 'stretch', a list of (target, guide) pairs, or "
+                "{'target': patterns, 'guide': patterns}"
+            )
+        _require_layers(target_layers, guide_layers)
+        pairs = stretch(target_layers, guide_layers)
+    elif isinstance(spec, Mapping):
+        unknown = set(spec) - {"target", "guide"}
+        if unknown or not spec:
+            raise ValueError(
+                f"a pattern pairing is {{'target': patterns, 'guide': patterns}}; got keys {sorted(spec)}"
+            )
+        _require_layers(target_layers, guide_layers)
+        pairs = stretch(
+            _select(spec.get("target", "*"), target_layers, "target"),
+            _select(spec.get("guide", "*"), guide_layers, "guide"),
+        )
+    else:
+        pairs = [_as_pair(item) for item in spec]
+        for pair in pairs:
+            for name, available, role in (
+                (pair.target, target_layers, "target"),
+                (pair.guide, guide_layers, "guide"),
+            ):
+                if available is not None and name not in available:
+                    raise ValueError(_no_match_message(name, available, role))
+    if not pairs:
+        raise ValueError("the pairing is empty: give at least one (target layer, guide layer) pair")
+    seen = set()
+    for pair in pairs:
+        if pair.key in seen:
+            raise ValueError(f"pair {pair.key} is listed twice")
+        seen.add(pair.key)
+    return pairs
+
+
+def _require_layers(target_layers, guide_layers) -> None:
+    if target_layers is None or guide_layers is None:
+        raise ValueError("this pairing needs the target's and the guide's layer lists")
+
+
+def _as_pair(item) -> Pair:
+    if isinstance(item, Pair):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(n, str) for n in item[:2]):
+        pair = Pair(*item)
+        if not pair.weight >= 0:
+            raise ValueError(f"pair weight must be non-negative, got {pair.weight} in {item}")
+        return pair
+    raise ValueError(
+        f"each explicit pair must be (target_layer, guide_layer) or (target_layer, guide_layer, "
+        f"weight) with layer names as strings; got {item!r}"
+    )
