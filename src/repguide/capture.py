@@ -142,25 +142,28 @@ def reduce(activation: Tensor, how: str, channels_first: bool = False) -> Tensor
 class _LayerRef:
     """A layer name resolved to its module and call index."""
 
-    def __init__(self, model: nn.Module, name: str, available: Sequence[str] = ()):
+    def __init__(self, model: nn.Module, name: str, role: str = "model"):
         base, _, call = name.partition("@")
         self.name, self.base = name, base
         self.call = int(call) if call else 0
         try:
             self.module = model.get_submodule(base)
         except AttributeError:
-            raise ValueError(_unknown_layer_message(name, available or _module_names(model))) from None
+            raise ValueError(_unknown_layer_message(name, _module_names(model), role)) from None
 
 
 def _module_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def _unknown_layer_message(name: str, available: Sequence[str]) -> str:
+def _unknown_layer_message(name: str, available: Sequence[str], role: str) -> str:
     close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
     hint = f" Closest: {', '.join(close)}." if close else ""
     listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
-    return f"no layer named {name!r}.{hint} Available: {listing}"
+    return (
+        f"the {role} has no layer named {name!r}.{hint} Its modules: {listing} "
+        f"(see repguide.layers({role}, example_input) for candidate layers)"
+    )
 
 
 class _Normaliser:
@@ -232,11 +235,12 @@ class Capture:
         model: nn.Module,
         names: Sequence[str],
         batch_axes: Mapping[str, int] | None = None,
+        role: str = "model",
     ):
         self.model = model
         self.names = list(dict.fromkeys(names))
         self.normalise = _Normaliser(model, batch_axes)
-        self._refs = [_LayerRef(model, name) for name in self.names]
+        self._refs = [_LayerRef(model, name, role) for name in self.names]
         self._wanted: dict[nn.Module, dict[int, str]] = {}
         for ref in self._refs:
             self._wanted.setdefault(ref.module, {})[ref.call] = ref.name

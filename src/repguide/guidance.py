@@ -174,7 +174,7 @@ class Guidance(nn.Module):
             capture.remove()
         self._pairs = pairs
         self._captures = {
-            role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role])
+            role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role], role)
             for role, model in (("target", self.target), ("guide", self.guide))
         }
 

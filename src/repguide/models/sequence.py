@@ -226,7 +226,7 @@ class _TransformerNet(nn.Module):
         check_length(x.shape[1], self.max_len)
         h = self.drop(self.pos(self.embed(x)))
         for block in self.blocks:
-            h = block(h, key_mask)
+            h = block(h)
         return self.norm(h)
 
 

@@ -1,0 +1,243 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repguide as rg
+
+
+class CountForwards(nn.Module):
+    """Wraps a model and counts how many times its forward runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3),
+    )
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, vocab=7, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(self.emb(x))[0][:, -1])
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, vocab=7, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False
+        )
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.emb(x)).mean(1))
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, vocab=7, dim=12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, dim, num_layers=2, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(self.emb(x))[0][:, -1])
+
+
+def image_batch():
+    return torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+
+
+def token_batch():
+    return torch.randint(0, 7, (16, 6)), torch.randint(0, 3, (16,))
+
+
+CASES = {
+    "mlp<-cnn": (mlp, small_cnn, image_batch),
+    "lstm<-transformer": (LSTMClassifier, EncoderClassifier, token_batch),
+    "transformer<-gru": (EncoderClassifier, GRUClassifier, token_batch),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_guided_step_trains_the_target_leaves_the_guide_and_runs_the_target_once(case):
+    make_target, make_guide, batch = CASES[case]
+    torch.manual_seed(0)
+    target, guide = CountForwards(make_target()), make_guide()
+    x, y = batch()
+    guidance = rg.Guidance(target, guide, example_input=x)
+    assert len(guidance.pairs) >= 1
+    guide_before = {k: v.clone() for k, v in guide.state_dict().items()}
+    target_before = [p.detach().clone() for p in target.parameters()]
+    optimizer = torch.optim.SGD(guidance.parameters(), lr=0.1)
+    target.calls = 0
+    for _ in range(3):
+        out = guidance(x)
+        loss = F.cross_entropy(out.output, y) + out.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert target.calls == 3
+    assert all(torch.equal(guide_before[k], v) for k, v in guide.state_dict().items())
+    assert all(p.grad is None for p in guide.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, target.parameters()))
+    assert set(out.similarities) == {p.key for p in guidance.pairs}
+    assert all(torch.isfinite(s) and -1 <= s <= 1 + 1e-6 for s in out.similarities.values())
+
+
+def test_alignment_loss_is_the_weighted_sum_of_one_minus_similarity():
+    torch.manual_seed(0)
+    x, _ = image_batch()
+    guidance = rg.Guidance(mlp(), small_cnn(), pairs=[("1", "0", 2.0), ("4", "3")], weight=0.5)
+    out = guidance(x)
+    s = out.similarities
+    expected = 0.5 * (2.0 * (1 - s[("1", "0")]) + (1 - s[("4", "3")]))
+    assert torch.allclose(out.loss, expected)
+
+
+def test_alignment_gradient_reaches_the_target_only_through_the_paired_layers():
+    torch.manual_seed(0)
+    target, guide = mlp(), small_cnn()
+    x, _ = image_batch()
+    guidance = rg.Guidance(target, guide, pairs=[("1", "0")])
+    guidance(x).loss.backward()
+    assert target[1].weight.grad.abs().sum() > 0
+    assert target[4].weight.grad is None and target[7].weight.grad is None
+
+
+def test_similarities_match_the_measure_on_flattened_activations():
+    torch.manual_seed(0)
+    target, guide = mlp().eval(), small_cnn()
+    x, _ = image_batch()
+    guidance = rg.Guidance(target, guide, pairs=[("4", "3")]).eval()
+    got = guidance(x).similarities[("4", "3")]
+    t = target[:5](x)
+    g = guide[:4](x)
+    assert torch.allclose(got, rg.cka(t.flatten(1), g.flatten(1)), atol=1e-6)
+
+
+def test_guide_stays_in_eval_mode_when_guidance_trains():
+    guidance = rg.Guidance(mlp(), small_cnn(), pairs=[("1", "0")])
+    guidance.train()
+    assert guidance.target.training and not guidance.guide.training
+    assert not any(p.requires_grad for p in guidance.guide.parameters())
+
+
+def test_weight_schedule_switches_guidance_off_and_skips_the_guide():
+    torch.manual_seed(0)
+    guide = CountForwards(small_cnn())
+    x, _ = image_batch()
+    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "model.0")], weight=rg.OffAfter(1.0, 2))
+    weights, losses = [], []
+    for _ in range(4):
+        out = guidance(x)
+        out.output.sum().backward()
+        weights.append(out.weight)
+        losses.append(float(out.loss.detach()))
+    assert weights == [1.0, 1.0, 0.0, 0.0]
+    assert losses[2] == losses[3] == 0.0 and losses[0] > 0
+    assert guide.calls == 2
+    assert int(guidance.step) == 4
+    assert "step" in guidance.state_dict()
+
+
+def test_noise_inputs_are_deterministic_per_step_and_differ_from_the_batch():
+    torch.manual_seed(0)
+    x, _ = image_batch()
+    seen = []
+    guide = small_cnn()
+    guide.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "0")], guide_input="noise", noise_seed=3)
+    guidance(x)
+    guidance.step.zero_()
+    guidance(x)
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], x)
+    assert seen[0].shape == x.shape and seen[0].dtype == x.dtype
+
+
+def test_integer_noise_stays_in_the_observed_token_range():
+    torch.manual_seed(0)
+    x, _ = token_batch()
+    seen = []
+    guide = GRUClassifier()
+    guide.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    rg.Guidance(LSTMClassifier(), guide, pairs=[("lstm", "gru")], guide_input="noise")(x)
+    assert seen[0].dtype == x.dtype and seen[0].min() >= x.min() and seen[0].max() <= x.max()
+
+
+def test_guide_inputs_of_another_batch_size_are_an_error():
+    x, _ = image_batch()
+    guidance = rg.Guidance(mlp(), small_cnn(), pairs=[("1", "0")], guide_input=lambda a, k: ((a[0][:8],), k))
+    with pytest.raises(ValueError, match="batch size 8"):
+        guidance(x)
+
+
+def test_pairs_are_resolved_lazily_and_explain_how_to_resolve_them_early():
+    guidance = rg.Guidance(mlp(), small_cnn())
+    with pytest.raises(RuntimeError, match="example_input"):
+        guidance.pairs
+    guidance(image_batch()[0])
+    assert len(guidance.pairs) == 2  # 2 hidden Linear layers vs 2 conv layers; heads excluded
+
+
+def test_unknown_layer_in_explicit_pairs_is_an_error():
+    with pytest.raises(ValueError, match="the guide has no layer named 'conv0'"):
+        rg.Guidance(mlp(), small_cnn(), pairs=[("1", "conv0")])
+    with pytest.raises(ValueError, match="the target has no layer named '9'"):
+        rg.Guidance(mlp(), small_cnn(), pairs=[("9", "0")])
+
+
+def test_tokens_reduction_averages_per_position_similarity():
+    torch.manual_seed(0)
+    x, _ = token_batch()
+    target, guide = LSTMClassifier(), GRUClassifier()
+    out = rg.Guidance(target, guide, pairs=[("lstm", "gru")], reduction="tokens")(x)
+    t = target.lstm(target.emb(x))[0]
+    g = guide.gru(guide.emb(x))[0]
+    expected = torch.stack([rg.cka(t[:, i], g[:, i]) for i in range(x.shape[1])]).mean()
+    assert torch.allclose(out.similarities[("lstm", "gru")], expected, atol=1e-6)
+
+
+def test_every_measure_can_guide():
+    x, _ = image_batch()
+    for name in rg.list_measures():
+        out = rg.Guidance(mlp(), small_cnn(), pairs=[("1", "0")], measure=name)(x)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="reduction"):
+        rg.Guidance(mlp(), small_cnn(), reduction="max")
+    with pytest.raises(ValueError, match="guide_input"):
+        rg.Guidance(mlp(), small_cnn(), guide_input="zeros")
+    with pytest.raises(ValueError, match="unknown similarity measure"):
+        rg.Guidance(mlp(), small_cnn(), measure="cca")
+    model = mlp()
+    with pytest.raises(ValueError, match="different modules"):
+        rg.Guidance(model, model)
