@@ -137,6 +137,8 @@ class Guidance(nn.Module):
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
         self._captures: dict[str, Capture] = {}
+        # Not a submodule attribute: a wrapper stored here must not enter the state dict.
+        object.__setattr__(self, "_run_target", target)
         # The training step lives in a buffer so it is saved with the state dict and resumes.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if not isinstance(pairs, (str, Mapping)):
@@ -178,6 +180,11 @@ class Guidance(nn.Module):
             for role, model in (("target", self.target), ("guide", self.guide))
         }
 
+    def run_target_with(self, wrapper: Callable) -> None:
+        """Call ``wrapper`` instead of the target module itself (e.g. its DDP or Fabric wrapper,
+        which must run for gradient synchronisation); hooks stay on the target's own modules."""
+        object.__setattr__(self, "_run_target", wrapper)
+
     # -- modes -------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "Guidance":
@@ -207,14 +214,14 @@ class Guidance(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.step += 1
         if weight == 0:
-            output = self.target(*args, **kwargs)
+            output = self._run_target(*args, **kwargs)
             return GuidanceOutput(output, _zero_like_output(output), {}, 0.0)
         if self._pairs is None:
             self._resolve(args, kwargs)
         n = _batch_size(args, kwargs, self.input_batch_axis)
         target_capture, guide_capture = self._captures["target"], self._captures["guide"]
         with target_capture.record(n) as t_acts:
-            output = self.target(*args, **kwargs)
+            output = self._run_target(*args, **kwargs)
         target_capture.check_complete(t_acts, "target")
         g_args, g_kwargs = self._guide_inputs(args, kwargs, step)
         n_guide = _batch_size(g_args, g_kwargs, self.input_batch_axis)

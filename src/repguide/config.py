@@ -1,0 +1,245 @@
+"""Run configuration: YAML recipes validated by pydantic, with scales and ``key=value`` overrides.
+
+A recipe file holds one run's settings, optionally ``base: <recipe>`` or ``base: [<recipe>, ...]``
+to start from other recipes (later ones win; files named ``_*.yaml`` are shared parts, not runs), and ``scales: {tiny: {...}, small: {...}, paper: {...}}`` whose dotted-key overrides are
+applied for the chosen scale. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "GuidanceConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "list_recipes",
+    "load_recipe",
+    "parse_overrides",
+]
+
+SCALES = ("tiny", "small", "paper")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and says what is expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str  # a name from repguide.models.list_models()
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # size knobs for its factory
+
+
+class DataConfig(_Strict):
+    name: str  # a name from repguide.data.list_datasets()
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Perplexity unit for language modelling: "token", "char" or "word".
+    perplexity_unit: Literal["token", "char", "word"] = "token"
+
+
+class GuidanceConfig(_Strict):
+    # none: baseline. guide: task + alignment. distill: task + KL to the guide's outputs
+    # (knowledge distillation, the paper's comparison).
+    mode: Literal["none", "guide", "distill"] = "none"
+    guide: Optional[ModelConfig] = None
+    # A finished run (name under the runs folder, or a path) whose final weights are the guide;
+    # None: an untrained guide initialised from guide_seed.
+    guide_run: Optional[str] = None
+    guide_seed: int = 0
+    pairs: Union[str, list[list], dict[str, Union[str, list[str]]]] = "stretch"
+    measure: str = "cka"
+    weight: float = 1.0
+    reduction: Literal["flatten", "mean", "tokens"] = "flatten"
+    guide_input: Literal["same", "noise"] = "same"
+    # Module types used by "stretch": "default" (linear/conv/recurrent/attention) or "all".
+    layer_types: Literal["default", "all"] = "default"
+    off_after: Optional[int] = None  # switch guidance off after this many steps (paper: 300)
+    # Guidance-driven initialisation: this many alignment-only steps (no task loss) before plain
+    # training; guidance is then off.
+    init_steps: int = 0
+    init_input: Literal["noise", "data"] = "noise"
+    temperature: float = 4.0  # distillation temperature
+
+    @field_validator("weight", "temperature")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_epochs: int = 30  # "step": multiply lr by gamma every step_epochs epochs (the official code)
+    gamma: float = 0.1
+    grad_clip: Optional[float] = None  # clip the gradient norm to this value
+
+
+class TrainConfig(_Strict):
+    epochs: int = 10
+    batch_size: int = 256  # the paper's; CKA's value depends on it
+    max_steps: Optional[int] = None  # stop early after this many optimiser steps
+    seed: int = 0
+    eval_batch_size: int = 512
+    log_every: int = 10  # steps between metric rows
+    checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch end)
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    # local: each rank aligns its own shard of the batch (the paper's minibatch CKA);
+    # global: activations are gathered across ranks and aligned on the whole batch.
+    alignment: Literal["local", "global"] = "local"
+
+
+class RunConfig(_Strict):
+    name: str
+    description: str = ""
+    scale: Literal["tiny", "small", "paper"] = "small"
+    model: ModelConfig
+    data: DataConfig
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # The paper's claim this run belongs to, for the reproduction report.
+    claim: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _recipe_dir():
+    return resources.files("repguide") / "recipes"
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with repguide."""
+    return sorted(
+        p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_")
+    )
+
+
+def _read_recipe(ref: str) -> tuple[dict, str]:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return yaml.safe_load(path.read_text()) or {}, path.stem
+    shipped = _recipe_dir() / f"{ref}.yaml"
+    if not shipped.is_file():
+        close = difflib.get_close_matches(ref, list_recipes(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"no recipe {ref!r}: give a YAML file path or one of the shipped recipes "
+            f"(repguide recipes).{hint}"
+        )
+    return yaml.safe_load(shipped.read_text()) or {}, ref
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _raw_recipe(ref: str, seen: tuple[str, ...] = ()) -> dict:
+    raw, name = _read_recipe(ref)
+    if name in seen:
+        raise ConfigError(f"recipe {name!r} is its own base (cycle {' -> '.join(seen + (name,))})")
+    raw.setdefault("name", name)
+    if "base" in raw:
+        bases = raw.pop("base")
+        merged: dict = {}
+        for ref_ in [bases] if isinstance(bases, str) else bases:
+            merged = _merge(merged, _raw_recipe(ref_, seen + (name,)))
+        for key in ("name", "description", "claim"):
+            merged.pop(key, None)
+        scales = _merge(merged.pop("scales", {}), raw.pop("scales", {}))
+        raw = _merge(merged, raw)
+        raw["scales"] = scales
+    return raw
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "guidance.weight=0.1"]`` → ``{"train.epochs": 3, ...}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_recipe(ref: str, scale: str = "small", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The validated config of recipe ``ref`` (shipped name or YAML path) at ``scale``."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    raw = _raw_recipe(ref)
+    scales = raw.pop("scales", {}) or {}
+    for key, value in (scales.get(scale) or {}).items():
+        _set_dotted(raw, key, value)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    raw["scale"] = scale
+    return validate(raw)
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"unknown key {where!r}{_key_hint(where)}")
+            else:
+                lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None
+
+
+def _key_hint(where: str) -> str:
+    parts = where.split(".")
+    model: Any = RunConfig
+    for part in parts[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = field.annotation
+    fields = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(parts[-1], fields, n=1)
+    return f" (did you mean {'.'.join(parts[:-1] + close)!r}?)" if close else f"; valid keys: {', '.join(fields)}"
