@@ -8,7 +8,6 @@ checkpoint takes exactly the steps an uninterrupted run takes.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ def build_model(spec, splits: datasets.Splits, seed: int) -> nn.Module:
         defaults["image_size"] = splits.input_shape[-1]
     if splits.vocab_size is not None:
         defaults["vocab_size"] = splits.vocab_size
-    accepted = inspect.signature(models._registry._MODELS[spec.name]).parameters if spec.name in models.list_models() else {}
+    accepted = models.accepted_kwargs(spec.name)
     for key, value in defaults.items():
         if key in accepted and key not in kwargs:
             kwargs[key] = value
@@ -248,6 +247,9 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
 
     def batch_at(step: int) -> tuple[list[Tensor], Tensor]:
         epoch, k = divmod(step, steps_per_epoch)
+        if hasattr(train_set, "set_epoch") and getattr(train_set, "_repguide_epoch", None) != epoch:
+            train_set.set_epoch(epoch)  # augmentation is a function of (seed, epoch, example)
+            train_set._repguide_epoch = epoch
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(step_seed(tc.seed, epoch)))
         idx = order[k * tc.batch_size : (k + 1) * tc.batch_size][rank * per_rank : (rank + 1) * per_rank]
         *inputs, y = (fabric.to_device(t) for t in train_set.batch(idx))

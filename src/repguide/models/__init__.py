@@ -1,11 +1,13 @@
 """The paper's architectures at configurable size, built by name through one registry.
 
-``create("deep_fcn", depth=24)`` or ``deep_fcn(depth=24)``; ``list_models()`` gives every name.
+``create("deep_fcn", depth=24)`` or ``deep_fcn(depth=24)``; ``list_models()`` gives every name,
+``accepted_kwargs(name)`` the knobs a name's factory takes.
+
 Each model is a plain ``nn.Module`` whose conceptual layers are submodules with stable dotted
 names (``blocks.3``, ``layer2.1.conv1``, ``layers.0``), so forward hooks can find them.
 """
 
-from repguide.models._registry import create, list_models, register
+from repguide.models._registry import accepted_kwargs, create, list_models, register
 from repguide.models.sequence import (
     ParityRNN,
     ParityTransformer,
@@ -42,6 +44,7 @@ __all__ = [
     "ResNetBlock",
     "TransformerLM",
     "ViT",
+    "accepted_kwargs",
     "copy_rnn",
     "copy_transformer",
     "create",

@@ -44,7 +44,7 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm Transformer block ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))``: ``(n, T, dim) → (n, T, dim)``."""
+    """Pre-norm block, ``x + attn(norm1(x))`` then ``+ mlp(norm2(x))``: ``(n, T, dim) → same``."""
 
     def __init__(
         self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
@@ -78,7 +78,9 @@ def make_blocks(
     ``blocks.i`` fires once per forward, at depth i (the official code repeated one module object,
     which made the layers indistinguishable).
     """
-    blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_dim, dropout, causal) for _ in range(depth))
+    blocks = nn.ModuleList(
+        TransformerBlock(dim, heads, mlp_dim, dropout, causal) for _ in range(depth)
+    )
     if tie:
         for block in blocks[1:]:
             for src, dst in zip(blocks[0].modules(), block.modules()):
@@ -88,7 +90,7 @@ def make_blocks(
 
 
 class LearnedPositions(nn.Module):
-    """Adds a learned position vector per position: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
+    """Adds a learned vector per position: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
 
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__()
@@ -99,7 +101,7 @@ class LearnedPositions(nn.Module):
 
 
 class SinusoidalPositions(nn.Module):
-    """Adds the fixed sin/cos table of Vaswani et al.: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
+    """Adds Vaswani et al.'s fixed sin/cos table: ``(n, T, dim) → (n, T, dim)``, ``T ≤ max_len``."""
 
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__()
@@ -146,4 +148,6 @@ def init_weights(model: nn.Module, positions: str) -> None:
 def check_length(t: int, max_len: int) -> None:
     """Raise if a sequence of length ``t`` does not fit the position table."""
     if t > max_len:
-        raise ValueError(f"sequence length {t} exceeds max_len={max_len}; build the model with a larger max_len")
+        raise ValueError(
+            f"sequence length {t} exceeds max_len={max_len}; build the model with a larger max_len"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repguide.models._registry import register
@@ -39,7 +40,7 @@ _CELLS = {"rnn": partial(nn.RNN, nonlinearity="tanh"), "lstm": nn.LSTM, "gru": n
 
 
 class _RecurrentNet(nn.Module):
-    """``embed``, then ``layers.0 .. layers.{num_layers-1}`` (single-layer RNN/LSTM/GRU), then ``head``."""
+    """``embed``, single-layer RNN/LSTM/GRU modules ``layers.0``, ``layers.1``, …, then ``head``."""
 
     def __init__(
         self,
@@ -62,7 +63,7 @@ class _RecurrentNet(nn.Module):
             _CELLS[cell](embed_dim if i == 0 else hidden_dim, hidden_dim, batch_first=True)
             for i in range(num_layers)
         )
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
         self.head = nn.Linear(hidden_dim, out_features)
 
     def features(self, x: Tensor) -> Tensor:
@@ -73,7 +74,9 @@ class _RecurrentNet(nn.Module):
             # started layer i+1 from layer i's final state, a summary of the whole sequence,
             # which leaks future tokens into every position (paper.md §4.2 L1).
             h, _ = layer(h)
-            h = self.drop(h)
+            # Functional, not a module: one Dropout module called after every layer would fire
+            # its forward hooks once per layer.
+            h = F.dropout(h, self.dropout, self.training)
         return h
 
 
@@ -104,7 +107,9 @@ def _check_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
         raise ValueError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
     lengths = lengths.to(x.device)
     if lengths.min() < 1 or lengths.max() > t:
-        raise ValueError(f"lengths must lie in [1, {t}], got min {lengths.min()} and max {lengths.max()}")
+        raise ValueError(
+            f"lengths must lie in [1, {t}], got min {lengths.min()} and max {lengths.max()}"
+        )
     return lengths
 
 
@@ -148,7 +153,11 @@ def rnn_lm(
 
 @register("lstm_lm")
 def lstm_lm(
-    vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, num_layers: int = 2, dropout: float = 0.0
+    vocab_size: int,
+    embed_dim: int = 128,
+    hidden_dim: int = 256,
+    num_layers: int = 2,
+    dropout: float = 0.0,
 ) -> RecurrentLM:
     """:func:`rnn_lm` with LSTM layers."""
     return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "lstm")
@@ -156,7 +165,11 @@ def lstm_lm(
 
 @register("gru_lm")
 def gru_lm(
-    vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, num_layers: int = 2, dropout: float = 0.0
+    vocab_size: int,
+    embed_dim: int = 128,
+    hidden_dim: int = 256,
+    num_layers: int = 2,
+    dropout: float = 0.0,
 ) -> RecurrentLM:
     """:func:`rnn_lm` with GRU layers."""
     return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "gru")
@@ -216,22 +229,27 @@ class _TransformerNet(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
         self.pos = make_positions(positions, max_len, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = make_blocks(depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers)
+        self.blocks = make_blocks(
+            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_features)
         init_weights(self, positions)
 
     def features(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """``x: (n, T)`` tokens, ``key_mask: (n, T)`` bool (True at real tokens) → ``(n, T, dim)``."""
+        """``x: (n, T)`` tokens, ``key_mask: (n, T)`` bool, True at real tokens → ``(n, T, dim)``.
+
+        The output is after the final ``norm``.
+        """
         check_length(x.shape[1], self.max_len)
         h = self.drop(self.pos(self.embed(x)))
         for block in self.blocks:
-            h = block(h)
+            h = block(h, key_mask)
         return self.norm(h)
 
 
 class TransformerLM(_TransformerNet):
-    """Causal decoder-only Transformer: ``(n, T)`` tokens → ``(n, T, vocab_size)`` next-token logits."""
+    """Causal decoder-only Transformer: ``(n, T)`` tokens → ``(n, T, vocab_size)`` logits."""
 
     def __init__(
         self,
@@ -256,7 +274,7 @@ class TransformerLM(_TransformerNet):
 
 
 class ParityTransformer(_TransformerNet):
-    """Bidirectional Transformer encoder classifier: ``(n, T)`` padded tokens, ``lengths: (n,)`` → ``(n, 2)``.
+    """Transformer encoder classifier: ``(n, T)`` padded tokens, ``lengths: (n,)`` → ``(n, 2)``.
 
     Padding is masked out of attention and of the mean-pool, so the logits depend on the valid
     positions only.
@@ -302,9 +320,14 @@ def transformer_lm(
     dropout: float = 0.0,
     tie_layers: bool = False,
 ) -> TransformerLM:
-    """Causal pre-norm Transformer LM; ``mlp_dim`` defaults to ``4 * dim``; ``positions`` is
-    ``"learned"`` or ``"sinusoidal"``; ``tie_layers`` shares one set of block weights across depth."""
-    return TransformerLM(vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers)
+    """Causal pre-norm Transformer LM.
+
+    ``mlp_dim`` defaults to ``4 * dim``; ``positions`` is ``"learned"`` or ``"sinusoidal"``;
+    ``tie_layers`` shares one set of block weights across depth.
+    """
+    return TransformerLM(
+        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers
+    )
 
 
 @register("copy_transformer")
@@ -321,7 +344,9 @@ def copy_transformer(
 ) -> TransformerLM:
     """:func:`transformer_lm` at copy-paste size: the paper's Transformer guide on copy-paste
     (sinusoidal positions as in the official code, but truly causal and with untied layers)."""
-    return TransformerLM(vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers)
+    return TransformerLM(
+        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers
+    )
 
 
 @register("parity_transformer")

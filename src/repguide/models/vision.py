@@ -66,7 +66,10 @@ class FCN(nn.Module):
         self.flatten = nn.Flatten()
         in_features = math.prod(input_shape)
         self.blocks = nn.Sequential(
-            *(_linear_block(in_features if i == 0 else width, width, batchnorm, dropout) for i in range(depth))
+            *(
+                _linear_block(in_features if i == 0 else width, width, batchnorm, dropout)
+                for i in range(depth)
+            )
         )
         self.head = nn.Linear(width, num_classes)
 
@@ -109,9 +112,10 @@ _EXPANSION = 4  # bottleneck blocks output 4× their inner width
 class ResNetBlock(nn.Module):
     """A ResNet block, with or without its skip connection.
 
-    Basic: conv 3×3 → conv 3×3. Bottleneck: conv 1×1 → conv 3×3 → conv 1×1 (×4 channels). Each
-    ``conv{i}`` is followed by ``bn{i}`` and ``act{i}`` (ReLU); with ``residual`` the last ReLU comes
-    after adding the skip (through ``downsample``, a 1×1 conv + BN, where the shape changes).
+    Basic: conv 3×3 → conv 3×3. Bottleneck: conv 1×1 → conv 3×3 → conv 1×1 (×4 channels).
+    Each ``conv{i}`` is followed by ``bn{i}`` and ``act{i}`` (ReLU); with ``residual`` the last
+    ReLU comes after adding the skip (through ``downsample``, a 1×1 conv + BN, where the shape
+    changes).
     Without ``residual`` there is no skip and no ``downsample``: a plain stack of conv-BN-ReLU.
     ``(n, in_channels, h, w) → (n, out_channels, h / stride, w / stride)``.
     """
@@ -129,9 +133,8 @@ class ResNetBlock(nn.Module):
         self.num_convs = len(specs)
         channels = in_channels
         for i, (kernel, conv_stride, out) in enumerate(specs, start=1):
-            self.add_module(
-                f"conv{i}", nn.Conv2d(channels, out, kernel, conv_stride, padding=kernel // 2, bias=False)
-            )
+            conv = nn.Conv2d(channels, out, kernel, conv_stride, padding=kernel // 2, bias=False)
+            self.add_module(f"conv{i}", conv)
             self.add_module(f"bn{i}", nn.BatchNorm2d(out))
             self.add_module(f"act{i}", nn.ReLU())
             channels = out
@@ -157,7 +160,7 @@ class ResNetBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet topology: stem, four stages ``layer1..layer4`` of :class:`ResNetBlock`, avgpool, ``fc``.
+    """ResNet topology: stem, stages ``layer1..layer4`` of :class:`ResNetBlock`, avgpool, ``fc``.
 
     Stage widths are ``width × (1, 2, 4, 8)`` (× 4 for bottleneck outputs). ``small_input`` uses a
     3×3 stride-1 stem conv and no max-pool (28×28 / 32×32 images); otherwise the ImageNet stem
@@ -219,14 +222,16 @@ def _resnet(
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
     blocks_per_stage, bottleneck = _ARCHS[arch]
-    return ResNet(blocks_per_stage, bottleneck, residual, in_channels, num_classes, width, small_input)
+    return ResNet(
+        blocks_per_stage, bottleneck, residual, in_channels, num_classes, width, small_input
+    )
 
 
 @register("resnet18")
 def resnet18(
     in_channels: int = 1, num_classes: int = 10, width: int = 64, small_input: bool = True
 ) -> ResNet:
-    """ResNet-18: basic blocks [2, 2, 2, 2]; ``width`` is the stem's channel count (64 standard)."""
+    """ResNet-18: basic blocks [2, 2, 2, 2]; ``width``: the stem's channels (64 standard)."""
     return _resnet("resnet18", True, in_channels, num_classes, width, small_input)
 
 
@@ -234,7 +239,7 @@ def resnet18(
 def resnet50(
     in_channels: int = 1, num_classes: int = 10, width: int = 64, small_input: bool = True
 ) -> ResNet:
-    """ResNet-50: bottleneck blocks [3, 4, 6, 3]; ``width`` is the stem's channel count (64 standard)."""
+    """ResNet-50: bottleneck blocks [3, 4, 6, 3]; ``width``: the stem's channels (64 standard)."""
     return _resnet("resnet50", True, in_channels, num_classes, width, small_input)
 
 
@@ -246,7 +251,7 @@ def plain_convnet(
     width: int = 64,
     small_input: bool = True,
 ) -> ResNet:
-    """The paper's Deep ConvNet: the ``arch`` ResNet with every skip and downsample projection removed."""
+    """The paper's Deep ConvNet: the ``arch`` ResNet without any skip or downsample projection."""
     return _resnet(arch, False, in_channels, num_classes, width, small_input)
 
 
@@ -275,7 +280,9 @@ class ViT(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+            raise ValueError(
+                f"image_size ({image_size}) must be divisible by patch_size ({patch_size})"
+            )
         self.image_size = image_size
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -312,4 +319,6 @@ def vit(
     dropout: float = 0.0,
 ) -> ViT:
     """A small ViT (the official code's ViT-B/16 guide, at CPU scale)."""
-    return ViT(image_size, patch_size, in_channels, dim, depth, heads, mlp_dim, num_classes, dropout)
+    return ViT(
+        image_size, patch_size, in_channels, dim, depth, heads, mlp_dim, num_classes, dropout
+    )

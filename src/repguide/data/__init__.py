@@ -1,0 +1,58 @@
+"""Offline data for the paper's experiments, with fixed splits.
+
+Every factory returns :class:`Splits` (train / val / test datasets plus ``num_classes``,
+``input_shape`` or ``vocab_size``). Datasets yield ``(*inputs, target)``: call ``model(*inputs)``;
+with ``with_index=True`` each item also ends with its position in its dataset. See docs/data.md.
+
+>>> data = create("parity", train_size=1000)
+>>> x, lengths, y = data.train[0]
+"""
+
+from repguide.data._common import (
+    DatasetIntegrityError,
+    DatasetNotFoundError,
+    Splits,
+    TensorExamples,
+    create,
+    list_datasets,
+)
+from repguide.data.images import FashionMNIST, fashion_mnist
+from repguide.data.synthetic import (
+    IGNORE_INDEX,
+    PARITY_PAD,
+    copy_paste,
+    copy_paste_tokens,
+    parity,
+    token_accuracy,
+)
+from repguide.data.text import (
+    CharTokenizer,
+    TokenChunks,
+    WordTokenizer,
+    perplexity,
+    shakespeare,
+    shakespeare_text,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PARITY_PAD",
+    "CharTokenizer",
+    "DatasetIntegrityError",
+    "DatasetNotFoundError",
+    "FashionMNIST",
+    "Splits",
+    "TensorExamples",
+    "TokenChunks",
+    "WordTokenizer",
+    "copy_paste",
+    "copy_paste_tokens",
+    "create",
+    "fashion_mnist",
+    "list_datasets",
+    "parity",
+    "perplexity",
+    "shakespeare",
+    "shakespeare_text",
+    "token_accuracy",
+]

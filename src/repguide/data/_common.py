@@ -1,0 +1,113 @@
+"""Pieces shared by every data set: the returned bundle, the in-memory dataset, seeds, the registry."""
+
+from __future__ import annotations
+
+import difflib
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set's files are not installed; the message says how to install them."""
+
+
+class DatasetIntegrityError(ValueError):
+    """A data set's file exists but is corrupt or not the expected content."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, validation and test sets of one task, with what a model needs to know about them.
+
+    Every dataset yields tuples ``(*inputs, target)`` (call ``model(*inputs)``), or
+    ``(*inputs, target, index)`` when built with ``with_index=True``.
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int  # size of the output layer: classes, or the vocabulary for token prediction
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) of one image; None for token inputs
+    vocab_size: int | None = None  # number of distinct input token ids; None for images
+    special: dict[str, int] = field(default_factory=dict)  # ids of special tokens, e.g. {"pad": 2}
+    tokenizer: Any = None  # text data sets only: turns text into ids and back
+
+
+class TensorExamples(Dataset):
+    """Examples held as tensors sharing their first axis (n examples); item i is ``(t[i] for t in tensors)``.
+
+    ``__getitems__`` gathers a whole batch with one indexing operation per tensor, so a DataLoader over
+    it costs about as much as slicing tensors. With ``with_index=True`` each item ends with its
+    position ``i`` in this dataset (a 0-dim int64 tensor), e.g. to look up cached guide features.
+    """
+
+    def __init__(self, *tensors: Tensor, with_index: bool = False) -> None:
+        sizes = {len(t) for t in tensors}
+        if len(sizes) != 1:
+            raise ValueError(f"tensors must share their first axis, got lengths {sorted(sizes)}")
+        self.tensors = tensors
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, ...]]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = self.batch(idx)
+        if self.with_index:
+            batch = (*batch, idx)
+        return list(zip(*(t.unbind(0) for t in batch)))
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, ...]:
+        """The examples at positions ``idx: (b,)`` as batched tensors, each ``(b, ...)``."""
+        return tuple(t[idx] for t in self.tensors)
+
+
+def generator(seed: int, *keys: str | int) -> torch.Generator:
+    """A torch Generator seeded from ``seed`` and ``keys`` (e.g. the split's name).
+
+    Mixing through numpy's SeedSequence gives statistically independent streams for different keys,
+    which ``seed + 1``-style offsets do not.
+    """
+    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else k for k in keys]
+    state = np.random.SeedSequence(words).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+_DATASETS: dict[str, Callable[..., Splits]] = {}
+Factory = TypeVar("Factory", bound=Callable[..., Splits])
+
+
+def register(name: str, **fixed: Any) -> Callable[[Factory], Factory]:
+    """Decorator: make a factory available to :func:`create` as ``name``, with ``fixed`` kwargs bound."""
+
+    def decorator(factory: Factory) -> Factory:
+        if name in _DATASETS:
+            raise ValueError(f"a data set named {name!r} is already registered")
+        _DATASETS[name] = lambda **kwargs: factory(**fixed, **kwargs)
+        return factory
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(_DATASETS)
+
+
+def create(name: str, **kwargs: Any) -> Splits:
+    """Build the data set registered as ``name``; ``kwargs`` go to its factory."""
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, list(_DATASETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}.{hint}")
+    return _DATASETS[name](**kwargs)

@@ -1,0 +1,414 @@
+"""Specification of repguide.models: every registered model builds, runs and trains at tiny size,
+and the properties the paper's comparisons rely on hold (causality, untied layers, no skips)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from repguide import models
+from repguide.models import create, list_models
+
+VOCAB = 11
+Inputs = Callable[[int], tuple[tuple[Tensor, ...], dict]]  # batch size → (args, kwargs)
+Shape = Callable[[int], tuple[int, ...]]  # batch size → output shape
+
+
+@dataclass
+class Case:
+    kwargs: dict
+    inputs: Inputs
+    out_shape: Shape
+
+
+def _images(c: int, size: int) -> Inputs:
+    return lambda n: ((torch.randn(n, c, size, size),), {})
+
+
+def _tokens(vocab: int, t: int) -> Inputs:
+    return lambda n: ((torch.randint(0, vocab, (n, t)),), {})
+
+
+def _bits(t: int) -> Inputs:
+    """Parity batches: bits padded with 2 after a random length (the first row is full)."""
+
+    def make(n: int) -> tuple[tuple[Tensor, ...], dict]:
+        lengths = torch.randint(1, t + 1, (n,))
+        lengths[0] = t
+        x = torch.randint(0, 2, (n, t)).masked_fill(torch.arange(t) >= lengths[:, None], 2)
+        return (x,), {"lengths": lengths}
+
+    return make
+
+
+def _classes(k: int) -> Shape:
+    return lambda n: (n, k)
+
+
+def _logits(t: int, vocab: int) -> Shape:
+    return lambda n: (n, t, vocab)
+
+
+RNN = dict(embed_dim=8, hidden_dim=12)
+# Tiny knobs per registry name. A newly registered model must be added here to be tested.
+TINY: dict[str, Case] = {
+    "deep_fcn": Case(dict(input_shape=(1, 8, 8), depth=3, width=16), _images(1, 8), _classes(10)),
+    "wide_fcn": Case(dict(input_shape=(3, 4, 4), width=32), _images(3, 4), _classes(10)),
+    "plain_convnet": Case(dict(arch="resnet18", width=4), _images(1, 16), _classes(10)),
+    "resnet18": Case(dict(width=4, in_channels=3, num_classes=3), _images(3, 16), _classes(3)),
+    "resnet50": Case(dict(width=4, num_classes=3), _images(1, 16), _classes(3)),
+    "vit": Case(
+        dict(image_size=8, patch_size=4, dim=16, depth=2, heads=2, mlp_dim=32, num_classes=3),
+        _images(1, 8),
+        _classes(3),
+    ),
+    "rnn_lm": Case(dict(vocab_size=VOCAB, **RNN), _tokens(VOCAB, 7), _logits(7, VOCAB)),
+    "lstm_lm": Case(dict(vocab_size=VOCAB, **RNN), _tokens(VOCAB, 7), _logits(7, VOCAB)),
+    "gru_lm": Case(dict(vocab_size=VOCAB, **RNN), _tokens(VOCAB, 7), _logits(7, VOCAB)),
+    "transformer_lm": Case(
+        dict(vocab_size=VOCAB, dim=16, depth=2, heads=2, max_len=16),
+        _tokens(VOCAB, 7),
+        _logits(7, VOCAB),
+    ),
+    "copy_rnn": Case(RNN, _tokens(14, 9), _logits(9, 14)),
+    "copy_transformer": Case(dict(dim=16, depth=2, heads=2), _tokens(14, 9), _logits(9, 14)),
+    "parity_rnn": Case(dict(embed_dim=4, hidden_dim=12), _bits(9), _classes(2)),
+    "parity_transformer": Case(dict(dim=16, depth=2, heads=2), _bits(9), _classes(2)),
+}
+
+
+def _tiny(name: str) -> Case:
+    assert name in TINY, f"add tiny knobs for the new model {name!r} to TINY in {__file__}"
+    return TINY[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Every registered model
+
+
+def test_every_tiny_case_names_a_registered_model():
+    assert sorted(TINY) == list_models()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_forward_backward_gives_finite_gradients_to_every_parameter(name):
+    torch.manual_seed(0)
+    case = _tiny(name)
+    model = create(name, **case.kwargs)
+    args, kwargs = case.inputs(4)
+    out = model(*args, **kwargs)
+    assert out.shape == case.out_shape(4)
+    out.float().square().mean().backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, f"{name}.{pname} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name}.{pname} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_runs_on_a_batch_of_one_in_eval_mode(name):
+    case = _tiny(name)
+    model = create(name, **case.kwargs).eval()
+    args, kwargs = case.inputs(1)
+    with torch.no_grad():
+        assert model(*args, **kwargs).shape == case.out_shape(1)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_module_runs_exactly_once_per_forward(name):
+    # Forward hooks identify a layer by its dotted name; a module applied twice (a shared
+    # activation, or the official code's one block repeated) would make that name ambiguous.
+    case = _tiny(name)
+    model = create(name, **case.kwargs)
+    # A ModuleList is a container that is never called itself.
+    calls = {n: 0 for n, m in model.named_modules() if not isinstance(m, nn.ModuleList)}
+
+    def count(module_name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            calls[module_name] += 1
+
+        return hook
+
+    for module_name, module in model.named_modules():
+        if module_name in calls:
+            module.register_forward_hook(count(module_name))
+    args, kwargs = case.inputs(2)
+    model(*args, **kwargs)
+    assert {n: c for n, c in calls.items() if c != 1} == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_unknown_model_name_error_names_the_closest_match():
+    with pytest.raises(ValueError, match="Did you mean 'resnet18'"):
+        create("resnet19")
+
+
+def test_create_passes_keyword_arguments_to_the_factory():
+    model = create("deep_fcn", input_shape=(2, 3, 3), depth=2, width=7, num_classes=4)
+    assert model.blocks[0].linear.in_features == 18
+    assert model.blocks[1].linear.out_features == 7
+    assert model.head.out_features == 4
+
+
+def test_accepted_kwargs_lists_the_factory_knobs():
+    assert models.accepted_kwargs("parity_rnn") == {
+        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id"
+    }
+    assert "num_classes" in models.accepted_kwargs("resnet18")
+    with pytest.raises(ValueError, match="Did you mean 'vit'"):
+        models.accepted_kwargs("vitt")
+
+
+def test_registering_a_taken_name_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        models.register("deep_fcn")(models.deep_fcn)
+
+
+def test_list_models_is_sorted_and_complete():
+    names = list_models()
+    assert names == sorted(names)
+    assert {"deep_fcn", "resnet18", "plain_convnet", "transformer_lm", "parity_rnn"} <= set(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Fully connected networks
+
+
+@pytest.mark.parametrize("depth", [1, 5, 48])
+def test_deep_fcn_depth_counts_hidden_linear_layers(depth):
+    model = models.deep_fcn(input_shape=(1, 4, 4), depth=depth, width=8)
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == depth + 1
+
+
+def test_fcn_blocks_have_readable_names_and_optional_parts():
+    names = dict(models.deep_fcn(depth=2, width=8).named_modules())
+    assert {"blocks.0.linear", "blocks.0.norm", "blocks.0.act", "blocks.0.drop"} <= names.keys()
+    assert "blocks.1.linear" in names and "head" in names
+    plain = dict(models.wide_fcn(width=8, batchnorm=False, dropout=0.0).named_modules())
+    assert "blocks.0.norm" not in plain and "blocks.0.drop" not in plain
+
+
+# --------------------------------------------------------------------------------------------
+# ResNets and the plain ConvNet
+
+
+def _zero_conv_path(block: models.ResNetBlock) -> models.ResNetBlock:
+    with torch.no_grad():
+        for i in range(1, block.num_convs + 1):
+            getattr(block, f"conv{i}").weight.zero_()
+    return block.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_plain_convnet_block_is_its_conv_path_alone(arch):
+    # With the conv weights zeroed (and BN at init in eval mode) the conv path outputs 0, so any
+    # nonzero output could only come through a skip connection.
+    model = models.plain_convnet(arch=arch, width=4)
+    block = _zero_conv_path(model.layer1[1])
+    x = torch.randn(2, block.out_channels, 6, 6)
+    assert torch.equal(block(x), torch.zeros_like(x))
+    assert not any(name.endswith("downsample") for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_block_adds_its_skip_connection(arch):
+    model = getattr(models, arch)(width=4)
+    block = _zero_conv_path(model.layer1[1])
+    x = torch.randn(2, block.out_channels, 6, 6)
+    assert torch.equal(block(x), torch.relu(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "convs"),
+    [("resnet18", {}, 20), ("resnet50", {}, 53), ("plain_convnet", {"arch": "resnet50"}, 49)],
+)
+def test_conv_layer_counts_match_the_paper(name, kwargs, convs):
+    # ResNet-18 has 3 downsample projections, ResNet-50 has 4, the plain ConvNet none (paper §2.1).
+    model = create(name, width=4, **kwargs)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
+
+
+def test_resnets_match_torchvision_parameter_counts_at_imagenet_size():
+    kw = dict(in_channels=3, num_classes=1000, small_input=False)
+    assert sum(p.numel() for p in models.resnet18(**kw).parameters()) == 11_689_512
+    assert sum(p.numel() for p in models.resnet50(**kw).parameters()) == 25_557_032
+    # The official NoResNet-50 (paper.md §2.1).
+    assert sum(p.numel() for p in models.plain_convnet(**kw).parameters()) == 22_780_456
+
+
+def test_imagenet_stem_downsamples_by_four():
+    model = models.resnet18(width=4, small_input=False)
+    stem = model.maxpool(model.act1(model.bn1(model.conv1(torch.randn(1, 1, 32, 32)))))
+    assert model.conv1.kernel_size == (7, 7)
+    assert stem.shape[-2:] == (8, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence models: causality
+
+
+def _future_token_changes(model: nn.Module, vocab: int, t_change: int) -> tuple[Tensor, Tensor]:
+    """Logits for a batch and for the same batch with token ``t_change`` replaced."""
+    torch.manual_seed(1)
+    x = torch.randint(0, vocab, (3, 10))
+    x2 = x.clone()
+    x2[:, t_change] = (x[:, t_change] + 1) % vocab
+    model.eval()
+    with torch.no_grad():
+        return model(x), model(x2)
+
+
+CAUSAL_LMS = {
+    "transformer_lm (learned positions)": lambda: models.transformer_lm(
+        VOCAB, dim=16, depth=3, heads=2
+    ),
+    "transformer_lm (sinusoidal positions)": lambda: models.transformer_lm(
+        VOCAB, dim=16, depth=3, heads=2, positions="sinusoidal"
+    ),
+    "rnn_lm": lambda: models.rnn_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=3),
+    "lstm_lm": lambda: models.lstm_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=3),
+    "gru_lm": lambda: models.gru_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=2),
+}
+
+
+@pytest.mark.parametrize("build", CAUSAL_LMS.values(), ids=CAUSAL_LMS.keys())
+@pytest.mark.parametrize("t", [0, 4, 9])
+def test_language_model_output_depends_only_on_past_and_current_tokens(build, t):
+    torch.manual_seed(0)
+    out, out_changed = _future_token_changes(build(), VOCAB, t)
+    assert torch.allclose(out[:, :t], out_changed[:, :t], atol=1e-6, rtol=0)
+    # Every later position sees the change (so this test can fail).
+    for pos in range(t, out.shape[1]):
+        changed = not torch.allclose(out[:, pos], out_changed[:, pos], atol=1e-6, rtol=0)
+        assert changed, f"output at position {pos} ignores the token at {t}"
+
+
+def test_recurrent_lm_stacks_separate_single_layer_tanh_rnns():
+    model = models.rnn_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=3)
+    assert [type(layer) for layer in model.layers] == [nn.RNN] * 3
+    assert all(layer.num_layers == 1 and layer.nonlinearity == "tanh" for layer in model.layers)
+    assert all(type(layer) is nn.LSTM for layer in models.lstm_lm(VOCAB, num_layers=2).layers)
+    assert all(type(layer) is nn.GRU for layer in models.gru_lm(VOCAB, num_layers=2).layers)
+
+
+def test_unknown_cell_raises():
+    with pytest.raises(ValueError, match="cell must be one of"):
+        models.rnn_lm(VOCAB, cell="elman")
+
+
+def test_transformer_lm_rejects_sequences_longer_than_max_len():
+    model = models.transformer_lm(VOCAB, dim=16, depth=1, heads=2, max_len=8)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence models: Transformer weights
+
+
+def _block_params(model: nn.Module) -> list[list[Tensor]]:
+    return [list(block.parameters()) for block in model.blocks]
+
+
+def test_transformer_layers_have_their_own_weights_by_default():
+    blocks = _block_params(models.transformer_lm(VOCAB, dim=16, depth=3, heads=2))
+    ptrs = [{p.data_ptr() for p in params} for params in blocks]
+    for i in range(len(ptrs)):
+        for j in range(i + 1, len(ptrs)):
+            assert not ptrs[i] & ptrs[j], f"blocks {i} and {j} share a parameter"
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "copy_transformer", "parity_transformer"])
+def test_tied_transformer_layers_share_every_weight_but_stay_distinct_modules(name):
+    kwargs = dict(TINY[name].kwargs, depth=3, tie_layers=True)
+    model = create(name, **kwargs)
+    blocks = _block_params(model)
+    for params in blocks[1:]:
+        assert [p.data_ptr() for p in params] == [p.data_ptr() for p in blocks[0]]
+    assert len({id(block) for block in model.blocks}) == 3
+    untied = create(name, **dict(kwargs, tie_layers=False))
+    per_block = sum(p.numel() for p in blocks[0])
+    saved = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in model.parameters())
+    assert saved == 2 * per_block
+
+
+def test_transformer_lm_init_layernorm_gains_one_and_linear_std_002():
+    model = models.transformer_lm(VOCAB, dim=64, depth=2, heads=4)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    qkv = model.blocks[0].attn.qkv
+    assert abs(qkv.weight.std().item() - 0.02) < 0.002
+    assert torch.equal(qkv.bias, torch.zeros_like(qkv.bias))
+
+
+def test_heads_must_divide_dim():
+    with pytest.raises(ValueError, match="divisible"):
+        models.transformer_lm(VOCAB, dim=30, heads=4)
+
+
+def test_transformer_blocks_have_named_parts():
+    model = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2)
+    names = {name for name, _ in model.named_modules()}
+    for i in range(2):
+        assert {f"blocks.{i}.{part}" for part in ("attn", "mlp", "norm1", "norm2")} <= names
+    assert {"embed", "pos", "norm", "head"} <= names
+
+
+# --------------------------------------------------------------------------------------------
+# Parity models
+
+
+@pytest.mark.parametrize("name", ["parity_rnn", "parity_transformer"])
+def test_parity_logits_ignore_tokens_beyond_each_length(name):
+    torch.manual_seed(0)
+    model = create(name, **TINY[name].kwargs).eval()
+    lengths = torch.tensor([1, 4, 9, 6])
+    x = torch.randint(0, 2, (4, 9)).masked_fill(torch.arange(9) >= lengths[:, None], 2)
+    garbage = torch.where(torch.arange(9) >= lengths[:, None], torch.randint(0, 3, (4, 9)), x)
+    with torch.no_grad():
+        out, out_garbage = model(x, lengths=lengths), model(garbage, lengths=lengths)
+        # A change inside the valid part must move the logits (so the test can fail).
+        flipped = x.clone()
+        flipped[:, 0] = 1 - flipped[:, 0]
+        out_flipped = model(flipped, lengths=lengths)
+    assert not torch.equal(x, garbage)
+    assert torch.allclose(out, out_garbage, atol=1e-6, rtol=0)
+    assert not torch.allclose(out, out_flipped, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["parity_rnn", "parity_transformer"])
+def test_parity_without_lengths_treats_every_sequence_as_full(name):
+    model = create(name, **TINY[name].kwargs).eval()
+    x = torch.randint(0, 2, (3, 9))
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x, lengths=torch.full((3,), 9)))
+
+
+@pytest.mark.parametrize("name", ["parity_rnn", "parity_transformer"])
+@pytest.mark.parametrize("lengths", [[0, 3], [3, 10]])
+def test_parity_rejects_lengths_outside_the_sequence(name, lengths):
+    model = create(name, **TINY[name].kwargs)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        model(torch.zeros(2, 9, dtype=torch.long), lengths=torch.tensor(lengths))
+
+
+# --------------------------------------------------------------------------------------------
+# Vision Transformer
+
+
+def test_vit_blocks_are_named_and_input_size_is_checked():
+    model = models.vit(image_size=8, patch_size=4, dim=16, depth=3, heads=2, mlp_dim=32)
+    names = {name for name, _ in model.named_modules()}
+    assert {"patch_embed", "blocks.0", "blocks.2", "norm", "head"} <= names
+    with pytest.raises(ValueError, match="8×8"):
+        model(torch.randn(1, 1, 12, 12))
