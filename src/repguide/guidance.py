@@ -93,6 +93,9 @@ class Guidance(nn.Module):
             ambiguous. input_batch_axis: the batch axis of the inputs (1 for sequence-first).
         noise_seed: seed of the noise inputs; step k uses ``noise_seed + k``, so a resumed run
             draws the same noise.
+        all_gather: for data-parallel training, a function concatenating a ``(n_local, ...)``
+            tensor from every process along the batch axis (gradient-carrying for the target):
+            the similarity is then computed on the global batch instead of each process's shard.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Guidance(nn.Module):
         guide_batch_axes: Mapping[str, int] | None = None,
         input_batch_axis: int = 0,
         noise_seed: int = 0,
+        all_gather: Callable[[Tensor], Tensor] | None = None,
     ):
         super().__init__()
         if target is guide:
@@ -133,6 +137,7 @@ class Guidance(nn.Module):
         self.layer_types = layer_types
         self.input_batch_axis = input_batch_axis
         self.noise_seed = noise_seed
+        self.all_gather = all_gather
         self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
@@ -245,6 +250,8 @@ class Guidance(nn.Module):
         for pair in self._pairs:
             t = reduce(t_acts[pair.target], self.reduction, t_cf[pair.target])
             g = reduce(g_acts[pair.guide], self.reduction, g_cf[pair.guide])
+            if self.all_gather is not None:
+                t, g = self.all_gather(t), self.all_gather(g)
             if t.dim() == 3 and t.shape[1] != g.shape[1]:
                 raise ValueError(
                     f"reduction 'tokens' compares position by position, but target layer "

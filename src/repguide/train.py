@@ -265,7 +265,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
         guidance = Guidance(
             target, guide, pairs=pairs, measure=gc.measure, weight=weight,
             guide_input=gc.guide_input, reduction=gc.reduction, layer_types=gc.layer_types,
-            example_input=tuple(t.cpu() for t in example_inputs), noise_seed=step_seed(tc.seed, 7919),
+            example_input=tuple(t.cpu() for t in example_inputs), noise_seed=step_seed(tc.seed, 7919, rank),
         )
     optimizer = _optimizer(oc, target.parameters())
     model, optimizer = fabric.setup(target, optimizer)
