@@ -187,3 +187,11 @@ def test_reductions():
         reduce(torch.randn(3, 4), "tokens")
     with pytest.raises(ValueError, match="unknown reduction"):
         reduce(seq, "max")
+
+
+def test_two_dimensional_and_conv_outputs_take_axis_0_when_sizes_coincide():
+    # width == batch size: (n, d) outputs and conv maps are batch-first by PyTorch's definition
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert rg.discover(mlp, torch.randn(8, 8))[0].shape == (8, 8)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
+    assert rg.discover(cnn, torch.randn(8, 1, 8, 8))[0].shape == (8, 8, 8, 8)

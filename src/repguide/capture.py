@@ -47,6 +47,16 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 REDUCTIONS = ("flatten", "mean", "tokens")
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Modules whose inputs and outputs PyTorch defines as (N, C, ...): the batch is axis 0.
+_BATCH_AXIS_0 = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Flatten,
+)
 _CHANNELS_FIRST_1D = (
     nn.Conv1d,
     nn.ConvTranspose1d,
@@ -205,7 +215,12 @@ class _Normaliser:
             axis = candidates[0]
         else:
             batch_first = self.conventions.get(module)
-            conventional = None if batch_first is None else (0 if batch_first else 1)
+            if batch_first is not None:
+                conventional = 0 if batch_first else 1
+            elif len(shape) == 2 or isinstance(module, _BATCH_AXIS_0):
+                conventional = 0  # (n, d) outputs, and modules whose input PyTorch fixes as (N, C, ...)
+            else:
+                conventional = None
             if not candidates:
                 raise ValueError(
                     f"layer {name!r} ({type(module).__name__}) has output shape {shape} with no "

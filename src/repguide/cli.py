@@ -71,6 +71,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from repguide.config import parse_overrides
+    from repguide.reproduce import reproduce
+
+    only = args.only.split(",") if args.only else None
+    path = reproduce(args.scale, args.seeds, args.runs_dir, only, args.report, quiet=not args.progress,
+                     overrides=parse_overrides(args.overrides))
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repguide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a run folder that holds results")
     run.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     run.set_defaults(func=_run)
+
+    rep = sub.add_parser("reproduce", help="train every recipe the paper's claims need; write REPRODUCTION.md")
+    rep.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    rep.add_argument("--scale", default="small", choices=["tiny", "small", "paper"])
+    rep.add_argument("--seeds", type=int, default=3)
+    rep.add_argument("--runs-dir", default=None, help="default: runs/reproduce-<scale>")
+    rep.add_argument("--only", default=None, help="comma-separated claim ids, e.g. C1,C4")
+    rep.add_argument("--report", default="REPRODUCTION.md")
+    rep.add_argument("--progress", action="store_true", help="progress bars instead of log lines")
+    rep.set_defaults(func=_reproduce)
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=_recipes)
@@ -105,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options too (argparse stops a positional list at the
+    # first option), so collect the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if getattr(args, "command", None) == "reproduce" and args.runs_dir is None:
+        args.runs_dir = f"runs/reproduce-{args.scale}"
     from repguide.runs import CheckpointError, RunDirError
     from repguide.train import NonFiniteError
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from repguide.runs import read_metrics  # noqa: E402
 
-__all__ = ["plot_run"]
+__all__ = ["plot_claim", "plot_run"]
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -49,3 +49,22 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(run_dir / "similarity.png")
     return written
+
+
+def plot_claim(claim, stats: dict, path: str | Path) -> Path:
+    """Bar chart of one claim's rows: mean ± std over seeds, each seed as a dot."""
+    path = Path(path)
+    labels = [row.label for row in claim.rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 4))
+    for i, row in enumerate(claim.rows):
+        s = stats[row.recipe]
+        if s.values:
+            ax.bar(i, s.mean, yerr=s.std, color=f"C{i}", alpha=0.7, capsize=4)
+            ax.plot([i] * len(s.values), s.values, "k.", ms=4)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)" if claim.higher_is_better else "test perplexity")
+    ax.set_title(f"{claim.id}: {claim.title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

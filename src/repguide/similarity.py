@@ -36,15 +36,18 @@ __all__ = [
 _MEASURES: dict[str, type["Measure"]] = {}
 
 
-def register_measure(name: str) -> Callable[[type["Measure"]], type["Measure"]]:
-    """Class decorator: make a :class:`Measure` subclass available under ``name``."""
+def register_measure(name: str) -> Callable:
+    """Decorator: make a :class:`Measure` subclass, or a function ``f(x, y) -> 0-dim tensor``,
+    available under ``name``. A function receives both inputs as float32 (or float64), outside
+    autocast, after the shape checks."""
 
-    def decorator(cls: type[Measure]) -> type[Measure]:
+    def decorator(obj):
         if name in _MEASURES:
             raise ValueError(f"a similarity measure named {name!r} is already registered")
+        cls = obj if isinstance(obj, type) else type(name, (_FunctionMeasure,), {"function": staticmethod(obj)})
         cls.name = name
         _MEASURES[name] = cls
-        return cls
+        return obj
 
     return decorator
 
@@ -197,6 +200,28 @@ class Measure:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class _FunctionMeasure(Measure):
+    """A measure given as a plain function of the two (n, d) inputs."""
+
+    function: Callable[[Tensor, Tensor], Tensor]
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.to(_compute_dtype(x))
+
+    def compare(self, px: Tensor, py: Tensor) -> Tensor:
+        return self.function(px, py)
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        _check_pair(x, y)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            px, py = self.prepare(x), self.prepare(y)
+            dtype = torch.promote_types(px.dtype, py.dtype)
+            return self.compare(px.to(dtype), py.to(dtype))
+
+    def __repr__(self) -> str:
+        return f"measure {self.name!r} ({self.function.__name__})"
 
 
 def _use_gram_form(n: int, d1: int, d2: int) -> bool:
@@ -362,17 +387,15 @@ def _narrow(p: Prepared) -> Tensor:
     """An (n, n) matrix with the same Gram as the centred p.x, for inputs wider than they are tall.
 
     The singular values of XᵀY depend on x and y only through their Grams, so a 65k-wide layer
-    costs a QR of (d, n) instead of a d1×d2 product. Centred rows are linearly dependent (they
-    sum to zero) and QR's gradient needs full rank, so the QR is taken of [X, 1], whose Gram is
-    XXᵀ + 11ᵀ, and the ones are removed afterwards by centring the small factor.
+    costs a QR of (d, n) instead of a d1×d2 product. With Q an orthonormal basis of X's row space,
+    X = (XQ)Qᵀ; Q is detached because the gradient of the nuclear norm only involves singular
+    vectors that already lie in that space, so it is exact, and QR's own gradient (undefined for
+    the rank-deficient inputs that centring always produces) is never needed.
     """
     if p.d <= p.n:
         return p.x
-    if bool(p.constant):
-        return p.x[:, : p.n]
-    augmented = torch.cat([p.x, torch.ones_like(p.x[:, :1])], dim=1)
-    factor = torch.linalg.qr(augmented.T, mode="reduced").R.T
-    return factor - factor.mean(dim=0, keepdim=True)
+    basis = torch.linalg.qr(p.x.detach().T, mode="reduced").Q
+    return p.x @ basis
 
 
 @register_measure("procrustes")
