@@ -270,16 +270,19 @@ class UnbiasedLinearCKA(Measure):
 
     def compare(self, px: Prepared, py: Prepared) -> Tensor:
         n = px.n
+        kx, ky = _self_inner(px), _self_inner(py)
         if _use_gram_form(n, px.d, py.d):
-            return _safe_div(
-                _u_inner(px.gram, py.gram),
-                _safe_sqrt(_u_inner(px.gram, px.gram)) * _safe_sqrt(_u_inner(py.gram, py.gram)),
-            )
-        sx, sy = _FeatureSums(px), _FeatureSums(py)
-        cross = (px.x.T @ py.x).square().sum()
-        xy = sx.u_inner(sy, cross)
-        xx = sx.u_inner(sx, _self_inner(px))
-        yy = sy.u_inner(sy, _self_inner(py))
+            xy = _u_inner(px.gram, py.gram)
+            xx, yy = _u_inner(px.gram, px.gram), _u_inner(py.gram, py.gram)
+        else:
+            sx, sy = _FeatureSums(px), _FeatureSums(py)
+            xy = sx.u_inner(sy, (px.x.T @ py.x).square().sum())
+            xx, yy = sx.u_inner(sx, kx), sy.u_inner(sy, ky)
+        # A self-term that is rounding noise next to ‖K‖² (e.g. all rows but one identical, where
+        # it is exactly 0) is treated as 0, so the value is 0 instead of noise with huge gradients.
+        tol = 16 * n * torch.finfo(px.x.dtype).eps
+        xx = torch.where(xx > tol * kx, xx, torch.zeros_like(xx))
+        yy = torch.where(yy > tol * ky, yy, torch.zeros_like(yy))
         return _safe_div(xy, _safe_sqrt(xx) * _safe_sqrt(yy))
 
 
