@@ -5,7 +5,7 @@
 >>> loss = task_loss(out.output, y) + out.loss
 """
 
-from repguide import similarity
+from repguide import data, models, similarity
 from repguide.capture import discover, layers
 from repguide.guidance import Constant, Guidance, GuidanceOutput, OffAfter, WeightSchedule
 from repguide.pairing import Pair, stretch
@@ -21,10 +21,12 @@ __all__ = [
     "Pair",
     "WeightSchedule",
     "cka",
+    "data",
     "discover",
     "get_measure",
     "layers",
     "list_measures",
+    "models",
     "register_measure",
     "similarity",
     "stretch",
