@@ -112,18 +112,31 @@ def test_decoder_layers_are_captured():
     assert names[-1] == "dec" and "dec.multihead_attn" in names
 
 
-def test_ambiguous_batch_axis_is_an_error_that_says_how_to_name_it():
-    class SeqFirstLinear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
+class SeqFirstLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
 
-        def forward(self, x):  # x: (T, N, d) with T == N
-            return self.lin(x).sum()
+    def forward(self, x):  # x: (T, N, d) with T == N == d
+        return self.lin(x).sum()
 
+
+def test_probing_finds_the_batch_axis_even_when_other_axes_have_the_batch_size():
+    x = torch.randn(4, 4, 4)
+    assert rg.discover(SeqFirstLinear(), x, input_batch_axis=1)[0].batch_axis == 1
+    assert rg.discover(SeqFirstLinear(), x)[0].batch_axis == 0
+
+
+def test_ambiguous_batch_axis_without_probing_is_an_error_that_says_how_to_name_it():
+    model = SeqFirstLinear()
+    capture = Capture(model, ["lin"])
     with pytest.raises(ValueError, match=r"batch_axes=\{'lin'"):
-        rg.layers(SeqFirstLinear(), torch.randn(4, 4, 4))
-    assert rg.discover(SeqFirstLinear(), torch.randn(4, 4, 4), batch_axes={"lin": 1})[0].shape == (4, 4, 4)
+        with capture.record(4):
+            model(torch.randn(4, 4, 4))
+    capture = Capture(model, ["lin"], batch_axes={"lin": 1})
+    with capture.record(4) as acts:
+        model(torch.randn(4, 4, 4))
+    assert acts["lin"].shape == (4, 4, 4)
 
 
 def test_modules_called_twice_are_named_by_call_index():

@@ -152,7 +152,8 @@ def test_weight_schedule_switches_guidance_off_and_skips_the_guide():
     torch.manual_seed(0)
     guide = CountForwards(small_cnn())
     x, _ = image_batch()
-    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "model.0")], weight=rg.OffAfter(1.0, 2))
+    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "model.0")], weight=rg.OffAfter(1.0, 2), example_input=x)
+    guide.calls = 0  # the probing forwards of layer discovery do not count
     weights, losses = [], []
     for _ in range(4):
         out = guidance(x)
@@ -172,7 +173,8 @@ def test_noise_inputs_are_deterministic_per_step_and_differ_from_the_batch():
     seen = []
     guide = small_cnn()
     guide.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "0")], guide_input="noise", noise_seed=3)
+    guidance = rg.Guidance(mlp(), guide, pairs=[("1", "0")], guide_input="noise", noise_seed=3, example_input=x)
+    seen.clear()
     guidance(x)
     guidance.step.zero_()
     guidance(x)

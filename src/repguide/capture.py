@@ -77,6 +77,7 @@ class LayerInfo:
     module_type: str
     shape: tuple[int, ...]  # batch-first activation shape on the example input
     is_output: bool  # its activation is the model's output (the task head)
+    batch_axis: int = 0  # where the batch is in the module's raw output
 
 
 def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
@@ -333,32 +334,27 @@ def discover(
     input_batch_axis: int = 0,
     **example_kwargs: Any,
 ) -> list[LayerInfo]:
-    """Candidate layers of ``model`` in forward execution order, found with one probing forward.
+    """Candidate layers of ``model`` in forward execution order, found with probing forwards.
 
-    The model runs in its current train/eval mode, under no_grad, with its buffers and the RNG
-    restored afterwards. Layers whose output holds no tensor with a batch axis are not candidates.
+    The model runs twice, on the example batch and on it with its first example repeated, in its
+    current train/eval mode, under no_grad, with its buffers and the RNG restored afterwards. A
+    layer's batch axis is the one axis that grew by one, so it is found even when another axis has
+    the batch size. Layers whose output has no such axis are not candidates.
     """
     n = _batch_size(example_args, example_kwargs, input_batch_axis)
-    order: list[tuple[str, nn.Module, Any]] = []
-    calls: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, args: Any, output: Any, name: str) -> None:
-        k = calls.get(module, 0)
-        calls[module] = k + 1
-        order.append((name if k == 0 else f"{name}@{k}", module, output))
-
-    handles = [
-        module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
-        for name, module in _candidate_modules(model, types)
-    ]
+    chosen = _candidate_modules(model, types)
+    order, final = _probe(model, chosen, example_args, example_kwargs)
+    grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
     try:
-        with _no_side_effects(model):
-            model_output = model(*example_args, **example_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    final = _first_tensor(model_output)
-    normalise = _Normaliser(model, batch_axes)
+        grown = {name: _shape(output) for name, _, output in _probe(model, chosen, grown_args, grown_kwargs)[0]}
+    except Exception:  # a model tied to its batch size (e.g. a fixed memory tensor): no probe
+        grown = {}
+    axes = dict(batch_axes or {})
+    for name, _, output in order:
+        axis = _grown_axis(_shape(output), grown.get(name), n)
+        if axis is not None:
+            axes.setdefault(name, axis)
+    normalise = _Normaliser(model, axes)
     normalise.batch_size = n
     infos = []
     for name, module, output in order:
@@ -371,8 +367,54 @@ def discover(
             if "ambiguous" in str(err):
                 raise
             continue  # no batch axis at all: not a per-example representation
-        infos.append(LayerInfo(name, type(module).__name__, tuple(activation.shape), tensor is final))
+        axis = 0 if isinstance(tensor, PackedSequence) else normalise.batch_axes[name]
+        infos.append(LayerInfo(name, type(module).__name__, tuple(activation.shape), tensor is final, axis))
     return infos
+
+
+def _probe(model, chosen, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
+    order: list[tuple[str, nn.Module, Any]] = []
+    calls: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: Any, output: Any, name: str) -> None:
+        k = calls.get(module, 0)
+        calls[module] = k + 1
+        order.append((name if k == 0 else f"{name}@{k}", module, output))
+
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, module in chosen]
+    try:
+        with _no_side_effects(model):
+            output = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, _first_tensor(output)
+
+
+def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> tuple[tuple, dict]:
+    """The example inputs with their first example appended along the batch axis."""
+
+    def grow(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == n:
+            return torch.cat([value, value.narrow(axis, 0, 1)], dim=axis)
+        return value
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _shape(output: Any) -> tuple[int, ...] | None:
+    tensor = _first_tensor(output)
+    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+
+
+def _grown_axis(before: tuple[int, ...] | None, after: tuple[int, ...] | None, n: int) -> int | None:
+    """The one axis of size n that became n + 1 while every other axis stayed the same."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if len(changed) == 1 and before[changed[0]] == n and after[changed[0]] == n + 1:
+        return changed[0]
+    return None
 
 
 def layers(model: nn.Module, *example_args: Any, types: str | tuple[type, ...] = "default", **kwargs: Any) -> list[str]:

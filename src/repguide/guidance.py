@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -14,9 +16,9 @@ from torch import Tensor, nn
 
 from repguide.capture import REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
 from repguide.pairing import Pair, PairSpec, resolve_pairs
-from repguide.similarity import Measure, Prepared, get_measure
+from repguide.similarity import Measure, Prepared, get_measure, sketch
 
-__all__ = ["Constant", "Guidance", "GuidanceOutput", "OffAfter", "WeightSchedule"]
+__all__ = ["Constant", "Guidance", "GuidanceOutput", "GuideFeatureCache", "OffAfter", "WeightSchedule"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +69,95 @@ class GuidanceOutput:
     weight: float = 0.0
 
 
+_PRECISIONS = ("fp32", "bf16")
+
+
+class GuideFeatureCache:
+    """The guide's features of every training example, as they are compared (reduced and, with
+    ``sketch_dim``, sketched), so that a guided step reads them instead of running the guide.
+
+    Correct only when an example reaches the guide as the same input every time it is drawn (no
+    random augmentation; ``guide_input="same"``): the guide is frozen and in eval mode, so its
+    features are then a fixed function of the example. The cache fills itself: a batch with an
+    example not cached yet runs the guide and stores the whole batch, so the first epoch costs
+    what it did and the later ones skip the guide. ::
+
+        train_set = repguide.data.create("fashion_mnist", with_index=True).train
+        cache = GuideFeatureCache(len(train_set))
+        guidance = Guidance(target, guide, sketch_dim=1024, guide_cache=cache)
+        for x, y, index in loader:
+            out = guidance(x, guide_index=index)
+
+    Memory: ``num_examples × Σ_layers width`` numbers, width = min(layer width, sketch_dim) under
+    ``reduction="flatten"``; ``dtype=torch.bfloat16`` halves it and rounds the stored features
+    to ~3 significant digits. Features are stored on the device they were computed on unless
+    ``device`` says otherwise (e.g. ``"cpu"`` to keep a GPU's memory free).
+    """
+
+    def __init__(self, num_examples: int, dtype: torch.dtype | None = None, device: Any = None):
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+        self.num_examples = num_examples
+        self.dtype = dtype
+        self.device = device
+        self.features: dict[str, Tensor] = {}  # guide layer → (num_examples, ...) features
+        self.filled: Tensor | None = None  # (num_examples,) bool: which examples are stored
+        self.complete = False
+        self.spec: tuple | None = None  # the layers and settings the features were made with
+
+    def lookup(self, index: Tensor, spec: tuple) -> dict[str, Tensor] | None:
+        """Features of the examples at ``index: (n,)``, or None while any of them is missing."""
+        self._check_spec(spec)
+        if self.filled is None:
+            return None
+        index = torch.as_tensor(index, dtype=torch.long).to(self.filled.device)
+        if not (self.complete or bool(self.filled[index].all())):
+            return None
+        return {name: stored[index] for name, stored in self.features.items()}
+
+    def store(self, index: Tensor, features: Mapping[str, Tensor], spec: tuple) -> None:
+        """Keep ``features`` (``layer → (n, ...)``) as those of the examples at ``index: (n,)``."""
+        self._check_spec(spec)
+        self.spec = spec
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.num_examples):
+            raise ValueError(
+                f"guide_index must be a (n,) tensor of example positions in [0, {self.num_examples}); "
+                f"got shape {tuple(index.shape)}"
+                + (f", values {int(index.min())}..{int(index.max())}" if index.numel() else "")
+            )
+        for name, value in features.items():
+            if len(value) != len(index):
+                raise ValueError(f"guide_index has {len(index)} entries but the batch has {len(value)} examples")
+            stored = self.features.get(name)
+            if stored is None:
+                stored = self.features[name] = torch.zeros(
+                    (self.num_examples, *value.shape[1:]), dtype=self.dtype or value.dtype,
+                    device=self.device if self.device is not None else value.device,
+                )
+            if stored.shape[1:] != value.shape[1:]:
+                raise ValueError(
+                    f"guide layer {name!r} gave features of shape {tuple(value.shape[1:])} per example, "
+                    f"but the cache holds {tuple(stored.shape[1:])}: a cache needs inputs of one shape"
+                )
+            stored[index.to(stored.device)] = value.to(stored.dtype)
+        if self.filled is None:
+            self.filled = torch.zeros(self.num_examples, dtype=torch.bool, device=next(iter(self.features.values())).device)
+        self.filled[index.to(self.filled.device)] = True
+        self.complete = bool(self.filled.all())
+
+    def _check_spec(self, spec: tuple) -> None:
+        if self.spec is not None and spec != self.spec:
+            raise ValueError(
+                f"this cache holds guide features made with (layers, reduction, sketch_dim, sketch_seed) "
+                f"= {self.spec}, not {spec}; use one cache per Guidance configuration"
+            )
+
+    def __repr__(self) -> str:
+        filled = int(self.filled.sum()) if self.filled is not None else 0
+        return f"GuideFeatureCache({filled}/{self.num_examples} examples, layers={list(self.features)})"
+
+
 class Guidance(nn.Module):
     """Train ``target`` with an alignment term to the frozen ``guide``.
 
@@ -96,6 +187,20 @@ class Guidance(nn.Module):
         all_gather: for data-parallel training, a function concatenating a ``(n_local, ...)``
             tensor from every process along the batch axis (gradient-carrying for the target):
             the similarity is then computed on the global batch instead of each process's shard.
+
+    Fast modes (opt-in; the defaults are exact; measured speed and error: benchmarks/README.md):
+        guide_precision: ``"fp32"`` (exact) or ``"bf16"``: the guide's Gram matrices are computed
+            from bf16 operands (fp32 accumulation, result rounded to bf16), about 2× faster on
+            CPUs with bf16 units; the target side stays fp32.
+        sketch_dim: if set, every compared activation (target and guide) wider than this is first
+            projected to ``sketch_dim`` features by a fixed, seeded CountSketch
+            (:func:`repguide.similarity.sketch`), which keeps its Gram in expectation. The Gram of a
+            d-wide layer then costs n²·sketch_dim instead of n²·d. The error grows with the
+            activations' effective rank over ``sketch_dim``: keep ``sketch_dim`` well above the
+            batch size for random-like features. ``sketch_seed`` picks the projections.
+        guide_cache: a :class:`GuideFeatureCache`; the call then takes ``guide_index=`` (the
+            batch's example positions) and reads the guide's features from the cache instead of
+            running the guide, once every example has been seen.
     """
 
     def __init__(
@@ -115,6 +220,10 @@ class Guidance(nn.Module):
         input_batch_axis: int = 0,
         noise_seed: int = 0,
         all_gather: Callable[[Tensor], Tensor] | None = None,
+        guide_precision: str = "fp32",
+        sketch_dim: int | None = None,
+        sketch_seed: int = 0,
+        guide_cache: GuideFeatureCache | None = None,
     ):
         super().__init__()
         if target is guide:
@@ -125,6 +234,15 @@ class Guidance(nn.Module):
             raise ValueError(
                 f"guide_input must be 'same', 'noise' or a callable (args, kwargs) -> (args, kwargs); "
                 f"got {guide_input!r}"
+            )
+        if guide_precision not in _PRECISIONS:
+            raise ValueError(f"guide_precision must be one of {', '.join(_PRECISIONS)}; got {guide_precision!r}")
+        if sketch_dim is not None and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
+            raise ValueError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
+        if guide_cache is not None and guide_input != "same":
+            raise ValueError(
+                "guide_cache stores the guide's features of each example, so the guide must see the "
+                f"target's own batch (guide_input='same'); got guide_input={guide_input!r}"
             )
         self.target = target
         self.guide = guide.eval().requires_grad_(False)
@@ -138,9 +256,15 @@ class Guidance(nn.Module):
         self.input_batch_axis = input_batch_axis
         self.noise_seed = noise_seed
         self.all_gather = all_gather
+        self.guide_precision = guide_precision
+        self.sketch_dim = sketch_dim
+        self.sketch_seed = sketch_seed
+        self.guide_cache = guide_cache
+        self._target_widths: dict[str, int] = {}  # last seen, to choose each guide layer's form early
         self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
+        self._probed = False
         self._captures: dict[str, Capture] = {}
         # Not a submodule attribute: a wrapper stored here must not enter the state dict.
         object.__setattr__(self, "_run_target", target)
@@ -148,7 +272,7 @@ class Guidance(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if not isinstance(pairs, (str, Mapping)):
             self._set_pairs(resolve_pairs(pairs))
-        elif example_input is not None:
+        if example_input is not None:
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             self._resolve(args, {})
 
@@ -165,16 +289,23 @@ class Guidance(nn.Module):
         return list(self._pairs)
 
     def _resolve(self, args: tuple, kwargs: dict) -> None:
+        """Probe both networks once: fix every layer's batch axis and, unless the pairs are
+        explicit, find the candidate layers and pair them."""
         g_args, g_kwargs = self._guide_inputs(args, kwargs)
-        types = "all" if isinstance(self._pair_spec, Mapping) else self.layer_types
+        explicit = self._pairs is not None
+        types = "all" if explicit or isinstance(self._pair_spec, Mapping) else self.layer_types
         found = {}
         for role, model, a, k in (("target", self.target, args, kwargs), ("guide", self.guide, g_args, g_kwargs)):
             infos = discover(
                 model, *a, types=types, batch_axes=self._batch_axes[role],
                 input_batch_axis=self.input_batch_axis, **k,
             )
+            for info in infos:
+                self._batch_axes[role].setdefault(info.name, info.batch_axis)
             found[role] = [info.name for info in infos if not info.is_output]
-        self._set_pairs(resolve_pairs(self._pair_spec, found["target"], found["guide"]))
+        pairs = self._pairs if explicit else resolve_pairs(self._pair_spec, found["target"], found["guide"])
+        self._set_pairs(pairs)
+        self._probed = True
 
     def _set_pairs(self, pairs: list[Pair]) -> None:
         for capture in self._captures.values():
@@ -212,8 +343,17 @@ class Guidance(nn.Module):
             return tuple(_noise_like(a, generator) for a in args), kwargs
         return self.guide_input(args, kwargs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> GuidanceOutput:
-        """Run the target once on ``args``/``kwargs`` and the guide once; see :class:`GuidanceOutput`."""
+    def forward(self, *args: Any, guide_index: Tensor | None = None, **kwargs: Any) -> GuidanceOutput:
+        """Run the guide once and the target once on ``args``/``kwargs``; see :class:`GuidanceOutput`.
+
+        ``guide_index: (n,)``, the batch's example positions, is required with a ``guide_cache``
+        (and refused without one): the guide's features are then read from the cache.
+        """
+        if (guide_index is None) != (self.guide_cache is None):
+            raise ValueError(
+                "guide_index= (the batch's example positions) goes with guide_cache= and only with it; "
+                f"this Guidance has guide_cache={'set' if self.guide_cache is not None else 'None'}"
+            )
         step = int(self.step)
         weight = float(self.weight(step))
         if self.training and torch.is_grad_enabled():
@@ -221,13 +361,29 @@ class Guidance(nn.Module):
         if weight == 0:
             output = self._run_target(*args, **kwargs)
             return GuidanceOutput(output, _zero_like_output(output), {}, 0.0)
-        if self._pairs is None:
+        if not self._probed:
             self._resolve(args, kwargs)
         n = _batch_size(args, kwargs, self.input_batch_axis)
-        target_capture, guide_capture = self._captures["target"], self._captures["guide"]
+        # The guide goes first and is reduced at once to what the measure needs (for linear CKA
+        # one n×n Gram per layer), so its activations are freed before the target's graph exists.
+        guide = self._prepare_guide(args, kwargs, step, n, guide_index)
+        target_capture = self._captures["target"]
         with target_capture.record(n) as t_acts:
             output = self._run_target(*args, **kwargs)
         target_capture.check_complete(t_acts, "target")
+        similarities = self._similarities(t_acts, guide)
+        loss = sum(p.weight * (1 - similarities[p.key]) for p in self._pairs)
+        return GuidanceOutput(output, weight * loss, similarities, weight)
+
+    def _guide_features(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, Tensor]:
+        """Each guide layer's activation as it is compared (reduced, sketched): from the cache, or
+        from one guide forward. Runs under no_grad."""
+        cache, capture = self.guide_cache, self._captures["guide"]
+        spec = (tuple(capture.names), self.reduction, self.sketch_dim, self.sketch_seed)
+        if cache is not None:
+            found = cache.lookup(index, spec)
+            if found is not None:
+                return found
         g_args, g_kwargs = self._guide_inputs(args, kwargs, step)
         n_guide = _batch_size(g_args, g_kwargs, self.input_batch_axis)
         if n_guide != n:
@@ -235,49 +391,110 @@ class Guidance(nn.Module):
                 f"the guide's inputs have batch size {n_guide} but the target's have {n}; "
                 "similarity compares the same examples, so both must see the same batch size"
             )
-        with torch.no_grad(), guide_capture.record(n) as g_acts:
+        with capture.record(n) as g_acts, _explain_guide_failure(self.guide_input):
             self.guide(*g_args, **g_kwargs)
-        guide_capture.check_complete(g_acts, "guide")
-        similarities = self._similarities(t_acts, g_acts)
-        loss = sum(p.weight * (1 - similarities[p.key]) for p in self._pairs)
-        return GuidanceOutput(output, weight * loss, similarities, weight)
+        capture.check_complete(g_acts, "guide")
+        channels_first = capture.normalise.channels_first
+        # Popped, so that the capture holds no reference to the raw activations after this step.
+        features = {
+            name: self._sketch("guide", name, reduce(g_acts.pop(name), self.reduction, channels_first[name]))
+            for name in capture.names
+        }
+        if cache is not None:
+            cache.store(index, features, spec)
+        return features
 
-    def _similarities(self, t_acts: dict[str, Tensor], g_acts: dict[str, Tensor]) -> dict:
+    @torch.no_grad()
+    def _prepare_guide(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, list]:
+        """``guide layer → [prepared input per position]`` (one entry unless reduction='tokens').
+
+        Each guide layer is centred once per step and shared by every pair naming it; where no pair
+        needs its features (a Gram-form measure, judged on the target widths of the last step),
+        only its n×n Gram is kept.
+        """
+        features = self._guide_features(args, kwargs, step, n, index)
+        float64 = any(p.dtype == torch.float64 for p in self.target.parameters())
+        prepared = {}
+        for name in list(features):
+            g = features.pop(name)
+            if self.all_gather is not None:
+                g = self.all_gather(g)
+            if float64:
+                g = g.double()
+            widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                prepared[name] = [
+                    self._slim(self.measure.prepare(gi), widths)
+                    for gi in ([g] if g.dim() == 2 else g.unbind(1))
+                ]
+        return prepared
+
+    def _slim(self, p: Any, widths: list[int | None]) -> Any:
+        if not isinstance(p, Prepared):  # a measure registered as a plain function
+            return p
+        if self.guide_precision == "bf16":
+            p.matmul_dtype = torch.bfloat16
+        if all(w is not None and not self.measure.needs_features(p.n, p.d, w) for w in widths):
+            p.keep_gram_only()
+        return p
+
+    def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
+        if self.sketch_dim is None:
+            return a
+        return sketch(a, self.sketch_dim, zlib.crc32(f"{self.sketch_seed}/{role}/{layer}".encode()))
+
+    def _similarities(self, t_acts: dict[str, Tensor], guide: dict[str, list]) -> dict:
         t_cf = self._captures["target"].normalise.channels_first
-        g_cf = self._captures["guide"].normalise.channels_first
-        prepared: dict[tuple[str, int], Prepared] = {}
+        targets: dict[str, Tensor] = {}
+        prepared: dict[tuple[str, int], Any] = {}  # each target layer is centred once per step too
         out = {}
         for pair in self._pairs:
-            t = reduce(t_acts[pair.target], self.reduction, t_cf[pair.target])
-            g = reduce(g_acts[pair.guide], self.reduction, g_cf[pair.guide])
-            if self.all_gather is not None:
-                t, g = self.all_gather(t), self.all_gather(g)
-            if t.dim() == 3 and t.shape[1] != g.shape[1]:
+            if pair.target not in targets:
+                t = self._sketch("target", pair.target, reduce(t_acts[pair.target], self.reduction, t_cf[pair.target]))
+                targets[pair.target] = self.all_gather(t) if self.all_gather is not None else t
+                self._target_widths[pair.target] = t.shape[-1]
+            t, g = targets[pair.target], guide[pair.guide]
+            if t.dim() == 3 and t.shape[1] != len(g):
                 raise ValueError(
                     f"reduction 'tokens' compares position by position, but target layer "
                     f"{pair.target!r} has {t.shape[1]} positions and guide layer {pair.guide!r} "
-                    f"has {g.shape[1]}; use 'flatten' or 'mean'"
+                    f"has {len(g)}; use 'flatten' or 'mean'"
                 )
             with torch.autocast(device_type=t.device.type, enabled=False):
                 if t.dim() == 2:
-                    out[pair.key] = self._compare(t, g, (pair.guide, -1), prepared)
+                    out[pair.key] = self._compare(t, (pair.target, -1), g[0], prepared)
                 else:
                     out[pair.key] = torch.stack(
-                        [self._compare(t[:, i], g[:, i], (pair.guide, i), prepared) for i in range(t.shape[1])]
+                        [self._compare(t[:, i], (pair.target, i), g[i], prepared) for i in range(t.shape[1])]
                     ).mean()
         return out
 
-    def _compare(self, t: Tensor, g: Tensor, key: tuple[str, int], prepared: dict) -> Tensor:
-        if t.dtype == torch.float64 or g.dtype == torch.float64:
-            t, g = t.double(), g.double()
-        if key not in prepared:  # each guide layer is centred (and its Gram built) once per step
-            with torch.no_grad():
-                prepared[key] = self.measure.prepare(g)
-        return self.measure.compare(self.measure.prepare(t), prepared[key])
+    def _compare(self, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:
+        if key not in prepared:
+            dtype = _prepared_dtype(guide)
+            if (t.dtype == torch.float64) != (dtype == torch.float64):
+                t = t.to(dtype)
+            prepared[key] = self.measure.prepare(t)
+        return self.measure.compare(prepared[key], guide)
 
     def extra_repr(self) -> str:
         pairs = "unresolved" if self._pairs is None else f"{len(self._pairs)} pairs"
         return f"measure={self.measure!r}, weight={self.weight!r}, {pairs}, reduction={self.reduction!r}"
+
+
+@contextlib.contextmanager
+def _explain_guide_failure(guide_input: str | Callable):
+    """Re-raise an error from inside the guide's forward as one that says what to change."""
+    try:
+        yield
+    except (RuntimeError, TypeError) as err:
+        given = "the inputs made by guide_input" if callable(guide_input) else "the target's inputs"
+        first_line = str(err).partition("\n")[0]
+        raise ValueError(
+            f"the guide failed on {given} ({type(err).__name__}: {first_line}). "
+            "A guide that expects other inputs (shape, dtype, arguments) needs guide_input= a callable "
+            "(args, kwargs) -> (args, kwargs) that makes them from the target's batch"
+        ) from err
 
 
 def _noise_like(value: Any, generator: torch.Generator) -> Any:
@@ -291,6 +508,12 @@ def _noise_like(value: Any, generator: torch.Generator) -> Any:
         return torch.rand(value.shape, generator=generator, device=value.device) < 0.5
     low, high = int(value.min()), int(value.max()) + 1
     return torch.randint(low, high, value.shape, generator=generator, device=value.device, dtype=value.dtype)
+
+
+def _prepared_dtype(prepared: Any) -> torch.dtype:
+    if isinstance(prepared, Prepared):
+        return (prepared.x if prepared.x is not None else prepared.gram).dtype
+    return prepared.dtype
 
 
 def _zero_like_output(output: Any) -> Tensor:
