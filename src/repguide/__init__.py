@@ -6,6 +6,7 @@
 """
 
 from repguide import data, models, similarity
+from repguide.analysis import SimilarityMatrix, compare, error_consistency
 from repguide.capture import discover, layers
 from repguide.guidance import Constant, Guidance, GuidanceOutput, OffAfter, WeightSchedule
 from repguide.pairing import Pair, stretch
@@ -19,10 +20,13 @@ __all__ = [
     "GuidanceOutput",
     "OffAfter",
     "Pair",
+    "SimilarityMatrix",
     "WeightSchedule",
     "cka",
+    "compare",
     "data",
     "discover",
+    "error_consistency",
     "get_measure",
     "layers",
     "list_measures",

@@ -20,7 +20,10 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_recipe(args.recipe, args.scale, parse_overrides(args.overrides))
     summary = train(config, args.runs_dir, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one summary, not one per process
+        print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
@@ -82,6 +85,86 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_splits(args: argparse.Namespace):
+    """The data to measure on: --data, else the data the first run folder among the models used."""
+    from pathlib import Path
+
+    from repguide import data
+    from repguide.analysis import run_config
+    from repguide.config import parse_overrides
+
+    if args.data is not None:
+        return data.create(args.data, **parse_overrides(args.data_kwargs))
+    for ref in (args.a, args.b):
+        path = Path(ref)
+        if path.exists():
+            config = run_config(path if path.is_dir() else path.parent)
+            return data.create(config.data.name, **config.data.kwargs)
+    raise ValueError("give --data: neither model is a run folder whose data could be used")
+
+
+def _two_models(args: argparse.Namespace):
+    from repguide.analysis import load_model
+    from repguide.config import parse_overrides
+
+    splits = _eval_splits(args)
+    a = load_model(args.a, splits, seed=args.seed_a, kwargs=parse_overrides(args.a_kwargs))
+    b = load_model(args.b, splits, seed=args.seed_b, kwargs=parse_overrides(args.b_kwargs))
+    return a, b, getattr(splits, args.split)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from repguide.analysis import compare, ordered_batches
+    from repguide.report import plot_similarity_matrix
+
+    a, b, dataset = _two_models(args)
+    batches = ordered_batches(dataset, args.batch_size, args.examples)
+    result = compare(a, b, batches, args.layers_a, args.layers_b, reduction=args.reduction)
+    out = args.out or f"compare_{Path(args.a).name}_{Path(args.b).name}".replace(":", "_")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    title = f"{args.a} vs {args.b}: minibatch linear CKA, {result.examples} {args.split} examples"
+    for path in (result.to_csv(f"{out}.csv"), plot_similarity_matrix(result, f"{out}.png", title, (args.a, args.b))):
+        print(f"wrote {path}")
+    return 0
+
+
+def _consistency(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from repguide.analysis import correct, error_consistency, ordered_batches
+
+    a, b, dataset = _two_models(args)
+    hits = [correct(m, ordered_batches(dataset, args.batch_size, args.examples)) for m in (a, b)]
+    print(json.dumps(asdict(error_consistency(*hits)), indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from repguide.report import report_run
+
+    for path in report_run(args.run_dir, split=args.split, examples=args.examples,
+                           batch_size=args.batch_size, reduction=args.reduction):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_model_pair(parser: argparse.ArgumentParser) -> None:
+    refs = "a model name (untrained), a run folder (runs/<name>, its final.pt), a weights file in one, or NAME:WEIGHTS"
+    parser.add_argument("a", help=refs)
+    parser.add_argument("b", help="the same kinds as a")
+    parser.add_argument("--data", default=None, help="data set name (default: the data of a run folder given)")
+    parser.add_argument("--data-kwargs", nargs="*", default=[], help="key=value")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--examples", type=int, default=None, help="use the first N examples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--a-kwargs", nargs="*", default=[], help="size knobs of a model name, key=value")
+    parser.add_argument("--b-kwargs", nargs="*", default=[], help="size knobs of b")
+    parser.add_argument("--seed-a", type=int, default=0, help="initialisation seed of a model name")
+    parser.add_argument("--seed-b", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repguide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_demo)
+
+    cmp = sub.add_parser("compare", help="layer×layer similarity of two models over a data set (CSV + heatmap)")
+    _add_model_pair(cmp)
+    cmp.add_argument("--layers-a", nargs="*", default=None, help="layer names or globs (default: candidate layers)")
+    cmp.add_argument("--layers-b", nargs="*", default=None)
+    cmp.add_argument("--reduction", default="flatten", choices=["flatten", "mean"])
+    cmp.add_argument("--out", default=None, help="writes OUT.csv and OUT.png (default: compare_<a>_<b>)")
+    cmp.set_defaults(func=_compare)
+
+    cons = sub.add_parser("consistency", help="error consistency (Cohen's kappa) of two classifiers")
+    _add_model_pair(cons)
+    cons.set_defaults(func=_consistency)
+
+    report = sub.add_parser("report", help="plots of a finished run, with start/end target-vs-guide heatmaps")
+    report.add_argument("run_dir")
+    report.add_argument("--split", default="val", choices=["train", "val", "test"])
+    report.add_argument("--examples", type=int, default=2048)
+    report.add_argument("--batch-size", type=int, default=256)
+    report.add_argument("--reduction", default=None, choices=["flatten", "mean"], help="default: the run's")
+    report.set_defaults(func=_report)
     return parser
 
 

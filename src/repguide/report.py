@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from repguide.analysis import SimilarityMatrix  # noqa: E402
 from repguide.runs import read_metrics  # noqa: E402
 
-__all__ = ["plot_claim", "plot_run"]
+__all__ = ["plot_alignment", "plot_claim", "plot_run", "plot_similarity_matrix", "report_run"]
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -68,3 +70,112 @@ def plot_claim(claim, stats: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Layer×layer similarity heatmaps
+
+
+def _heatmap(fig, ax, result: SimilarityMatrix, title: str, labels: tuple[str, str], marked=()) -> None:
+    """Rows: ``result.layers_a`` top to bottom; columns: ``result.layers_b``; ``marked``:
+    (layer of A, layer of B) cells to outline, e.g. the pairs guidance aligned."""
+    rows, cols = len(result.layers_a), len(result.layers_b)
+    image = ax.imshow(result.matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+                      interpolation="nearest")
+    size = max(3.0, min(8.0, 360 / max(rows, cols)))
+    ax.set_xticks(range(cols), result.layers_b, rotation=90, fontsize=size)
+    ax.set_yticks(range(rows), result.layers_a, fontsize=size)
+    ax.set(xlabel=labels[1], ylabel=labels[0], title=title)
+    for a, b in marked:
+        if a in result.layers_a and b in result.layers_b:
+            i, j = result.layers_a.index(a), result.layers_b.index(b)
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="CKA")
+
+
+def _figure_size(result: SimilarityMatrix, panels: int = 1) -> tuple[float, float]:
+    width = 3.5 + 0.17 * len(result.layers_b)
+    height = 3.5 + 0.17 * len(result.layers_a)
+    return min(panels * width, 40.0), min(height, 24.0)
+
+
+def plot_similarity_matrix(
+    result: SimilarityMatrix,
+    path: str | Path,
+    title: str | None = None,
+    labels: tuple[str, str] = ("model A", "model B"),
+    marked=(),
+) -> Path:
+    """A heatmap of ``result`` (from :func:`repguide.analysis.compare`) with every layer named."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=_figure_size(result), layout="constrained")
+    title = title or f"layer×layer similarity over {result.examples} examples"
+    _heatmap(fig, ax, result, title, labels, marked)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _guided_pairs(run_dir: Path) -> list[tuple[str, str]]:
+    """The (target, guide) pairs a run logged, from its metrics.csv header."""
+    with (run_dir / "metrics.csv").open() as f:
+        header = f.readline().strip().split(",")
+    return [tuple(c[4:].split("|", 1)) for c in header if c.startswith("sim:")]
+
+
+def plot_alignment(
+    run_dir: str | Path,
+    split: str = "val",
+    examples: int | None = 2048,
+    batch_size: int = 256,
+    reduction: str | None = None,
+) -> list[Path]:
+    """For a guided run: the target-vs-guide layer×layer similarity with the target's initial
+    weights (rebuilt from the run's seed) and with its final ones, on ``examples`` examples of
+    ``split``. Writes ``alignment_start.csv``, ``alignment_end.csv`` and ``alignment.png`` (both
+    heatmaps; the guided pairs outlined in red). ``reduction``: default the run's own."""
+    from repguide import data as datasets
+    from repguide.analysis import compare, load_model, ordered_batches, run_config
+    from repguide.capture import layers
+    from repguide.train import _load_guide
+
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    if config.guidance.mode != "guide":
+        raise ValueError(f"{run_dir} is not a guided run (guidance.mode={config.guidance.mode!r})")
+    reduction = reduction or config.guidance.reduction
+    if reduction == "tokens":
+        raise ValueError("the run aligned per token; give reduction 'flatten' or 'mean' for the heatmaps")
+    splits = datasets.create(config.data.name, **config.data.kwargs)
+    dataset = getattr(splits, split)
+    guide = _load_guide(config, splits, run_dir.parent)
+    start, end = load_model(run_dir, splits, weights="init"), load_model(run_dir, splits)
+    pairs = _guided_pairs(run_dir)
+    *example, _ = dataset.batch(torch.arange(min(8, len(dataset))))
+    # The candidate layers, plus any paired layer that is not one (patterns may name any module).
+    target_layers = layers(start, *example) + [t for t, _ in pairs]
+    guide_layers = layers(guide, *example) + [g for _, g in pairs]
+    written, results = [], []
+    for label, target in (("start", start), ("end", end)):
+        result = compare(target, guide, ordered_batches(dataset, batch_size, examples),
+                         target_layers, guide_layers, reduction=reduction)
+        written.append(result.to_csv(run_dir / f"alignment_{label}.csv"))
+        results.append(result)
+    fig, axes = plt.subplots(1, 2, figsize=_figure_size(results[0], panels=2), layout="constrained")
+    for ax, label, result in zip(axes, ("initial target", "final target"), results):
+        _heatmap(fig, ax, result, f"{label} vs guide", ("target", "guide"), pairs)
+    fig.suptitle(f"{run_dir.name}: minibatch linear CKA over {results[0].examples} {split} examples")
+    fig.savefig(run_dir / "alignment.png", dpi=120)
+    plt.close(fig)
+    return written + [run_dir / "alignment.png"]
+
+
+def report_run(run_dir: str | Path, **alignment) -> list[Path]:
+    """Every plot of a finished run: :func:`plot_run`'s curves and per-pair similarity over
+    training, and for a guided run :func:`plot_alignment`'s start and end heatmaps."""
+    from repguide.analysis import run_config
+
+    written = plot_run(run_dir)
+    if run_config(run_dir).guidance.mode == "guide":
+        written += plot_alignment(run_dir, **alignment)
+    return written
