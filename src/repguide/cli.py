@@ -79,8 +79,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     from repguide.reproduce import reproduce
 
     only = args.only.split(",") if args.only else None
+    recipes = args.recipes.split(",") if args.recipes else None
     path = reproduce(args.scale, args.seeds, args.runs_dir, only, args.report, quiet=not args.progress,
-                     overrides=parse_overrides(args.overrides))
+                     overrides=parse_overrides(args.overrides), recipes=recipes)
     print(f"wrote {path}")
     return 0
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, default=3)
     rep.add_argument("--runs-dir", default=None, help="default: runs/reproduce-<scale>")
     rep.add_argument("--only", default=None, help="comma-separated claim ids, e.g. C1,C4")
+    rep.add_argument("--recipes", default=None, help="comma-separated recipes: train only these rows (and their guides)")
     rep.add_argument("--report", default="REPRODUCTION.md")
     rep.add_argument("--progress", action="store_true", help="progress bars instead of log lines")
     rep.set_defaults(func=_reproduce)

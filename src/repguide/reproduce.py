@@ -161,8 +161,9 @@ def _claims(only: list[str] | None) -> list[Claim]:
     return chosen
 
 
-def plan(claims: list[Claim], scale: str) -> list[str]:
-    """Recipes in an order where every trained guide comes before the runs that load it."""
+def plan(claims: list[Claim], scale: str, recipes: list[str] | None = None) -> list[str]:
+    """Recipes in an order where every trained guide comes before the runs that load it
+    (only ``recipes`` and the guides they need, when given)."""
     ordered: list[str] = []
 
     def visit(recipe: str) -> None:
@@ -174,7 +175,8 @@ def plan(claims: list[Claim], scale: str) -> list[str]:
 
     for claim in claims:
         for row in claim.rows:
-            visit(row.recipe)
+            if recipes is None or row.recipe in recipes:
+                visit(row.recipe)
     return ordered
 
 
@@ -186,6 +188,7 @@ def reproduce(
     report: str | Path | None = "REPRODUCTION.md",
     quiet: bool = True,
     overrides: dict | None = None,
+    recipes: list[str] | None = None,
 ) -> Path | None:
     """Train what the chosen claims need for ``seeds`` seeds (skipping finished runs), then report."""
     from repguide.train import train
@@ -193,7 +196,7 @@ def reproduce(
     claims = _claims(only)
     started = time.time()
     for seed in range(seeds):
-        for recipe in plan(claims, scale):
+        for recipe in plan(claims, scale, recipes):
             name = f"{recipe}_s{seed}"
             run = RunDir(runs_dir, name)
             if run.is_finished():
