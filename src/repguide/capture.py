@@ -78,6 +78,7 @@ class LayerInfo:
     shape: tuple[int, ...]  # batch-first activation shape on the example input
     is_output: bool  # its activation is the model's output (the task head)
     batch_axis: int = 0  # where the batch is in the module's raw output
+    channels_first: bool = False  # features on axis 1, positions after (conv maps)
 
 
 def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
@@ -368,7 +369,10 @@ def discover(
                 raise
             continue  # no batch axis at all: not a per-example representation
         axis = 0 if isinstance(tensor, PackedSequence) else normalise.batch_axes[name]
-        infos.append(LayerInfo(name, type(module).__name__, tuple(activation.shape), tensor is final, axis))
+        infos.append(LayerInfo(
+            name, type(module).__name__, tuple(activation.shape), tensor is final, axis,
+            normalise.channels_first[name],
+        ))
     return infos
 
 

@@ -118,22 +118,23 @@ class GuideFeatureCache:
     def store(self, index: Tensor, features: Mapping[str, Tensor], spec: tuple) -> None:
         """Keep ``features`` (``layer → (n, ...)``) as those of the examples at ``index: (n,)``."""
         self._check_spec(spec)
-        self.spec = spec
         index = torch.as_tensor(index, dtype=torch.long)
-        if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.num_examples):
+        if index.dim() != 1 or any(len(value) != len(index) for value in features.values()):
             raise ValueError(
-                f"guide_index must be a (n,) tensor of example positions in [0, {self.num_examples}); "
-                f"got shape {tuple(index.shape)}"
-                + (f", values {int(index.min())}..{int(index.max())}" if index.numel() else "")
+                f"guide_index must hold one example position per row of the batch; got shape "
+                f"{tuple(index.shape)} for {len(next(iter(features.values())))} rows"
             )
+        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < self.num_examples:
+            raise ValueError(
+                f"guide_index must lie in [0, {self.num_examples}); got {int(index.min())}..{int(index.max())}"
+            )
+        self.spec = spec
         for name, value in features.items():
-            if len(value) != len(index):
-                raise ValueError(f"guide_index has {len(index)} entries but the batch has {len(value)} examples")
             stored = self.features.get(name)
             if stored is None:
-                stored = self.features[name] = torch.zeros(
+                stored = self.features[name] = value.new_zeros(
                     (self.num_examples, *value.shape[1:]), dtype=self.dtype or value.dtype,
-                    device=self.device if self.device is not None else value.device,
+                    device=value.device if self.device is None else self.device,
                 )
             if stored.shape[1:] != value.shape[1:]:
                 raise ValueError(
@@ -142,7 +143,7 @@ class GuideFeatureCache:
                 )
             stored[index.to(stored.device)] = value.to(stored.dtype)
         if self.filled is None:
-            self.filled = torch.zeros(self.num_examples, dtype=torch.bool, device=next(iter(self.features.values())).device)
+            self.filled = torch.zeros(self.num_examples, dtype=torch.bool, device=stored.device)
         self.filled[index.to(self.filled.device)] = True
         self.complete = bool(self.filled.all())
 
@@ -236,7 +237,7 @@ class Guidance(nn.Module):
                 f"got {guide_input!r}"
             )
         if guide_precision not in _PRECISIONS:
-            raise ValueError(f"guide_precision must be one of {', '.join(_PRECISIONS)}; got {guide_precision!r}")
+            raise ValueError(f"guide_precision must be one of {', '.join(_PRECISIONS)}, got {guide_precision!r}")
         if sketch_dim is not None and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
             raise ValueError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
         if guide_cache is not None and guide_input != "same":
@@ -261,6 +262,9 @@ class Guidance(nn.Module):
         self.sketch_seed = sketch_seed
         self.guide_cache = guide_cache
         self._target_widths: dict[str, int] = {}  # last seen, to choose each guide layer's form early
+        self._guide_hooks: list = []
+        self._guide_stream: tuple | None = None  # (activations, layers done, prepare?) while the guide runs
+        self._guide_float64 = False
         self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
@@ -296,12 +300,20 @@ class Guidance(nn.Module):
         types = "all" if explicit or isinstance(self._pair_spec, Mapping) else self.layer_types
         found = {}
         for role, model, a, k in (("target", self.target, args, kwargs), ("guide", self.guide, g_args, g_kwargs)):
-            infos = discover(
-                model, *a, types=types, batch_axes=self._batch_axes[role],
-                input_batch_axis=self.input_batch_axis, **k,
-            )
+            with _explain_guide_failure(self.guide_input) if role == "guide" else contextlib.nullcontext():
+                infos = discover(
+                    model, *a, types=types, batch_axes=self._batch_axes[role],
+                    input_batch_axis=self.input_batch_axis, **k,
+                )
             for info in infos:
                 self._batch_axes[role].setdefault(info.name, info.batch_axis)
+                if role == "target" and (self.reduction != "tokens" or len(info.shape) > 2):
+                    # The width each target layer reaches the measure with, known before the first
+                    # step, so that step chooses the guide's form as every later one does (a
+                    # resumed run must compute exactly what an uninterrupted one computes).
+                    reduced = reduce(torch.empty(info.shape, device="meta"), self.reduction, info.channels_first)
+                    width = reduced.shape[-1]
+                    self._target_widths[info.name] = min(width, self.sketch_dim) if self.sketch_dim else width
             found[role] = [info.name for info in infos if not info.is_output]
         pairs = self._pairs if explicit else resolve_pairs(self._pair_spec, found["target"], found["guide"])
         self._set_pairs(pairs)
@@ -310,11 +322,16 @@ class Guidance(nn.Module):
     def _set_pairs(self, pairs: list[Pair]) -> None:
         for capture in self._captures.values():
             capture.remove()
+        for handle in self._guide_hooks:
+            handle.remove()
         self._pairs = pairs
         self._captures = {
             role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role], role)
             for role, model in (("target", self.target), ("guide", self.guide))
         }
+        # Registered after the capture's hooks, so they see each activation right after it is kept.
+        guide_modules = {self.guide.get_submodule(p.guide.partition("@")[0]) for p in pairs}
+        self._guide_hooks = [m.register_forward_hook(self._on_guide_layer) for m in guide_modules]
 
     def run_target_with(self, wrapper: Callable) -> None:
         """Call ``wrapper`` instead of the target module itself (e.g. its DDP or Fabric wrapper,
@@ -375,15 +392,31 @@ class Guidance(nn.Module):
         loss = sum(p.weight * (1 - similarities[p.key]) for p in self._pairs)
         return GuidanceOutput(output, weight * loss, similarities, weight)
 
-    def _guide_features(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, Tensor]:
-        """Each guide layer's activation as it is compared (reduced, sketched): from the cache, or
-        from one guide forward. Runs under no_grad."""
+    @torch.no_grad()
+    def _prepare_guide(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, list]:
+        """``guide layer → [prepared input per position]`` (one entry unless reduction='tokens'),
+        from the cache or from one guide forward.
+
+        Each guide layer is centred once per step and shared by every pair naming it; where no pair
+        needs its features (a Gram-form measure, judged on the target widths of the last step),
+        only its n×n Gram is kept.
+        """
         cache, capture = self.guide_cache, self._captures["guide"]
         spec = (tuple(capture.names), self.reduction, self.sketch_dim, self.sketch_seed)
-        if cache is not None:
-            found = cache.lookup(index, spec)
-            if found is not None:
-                return found
+        self._guide_float64 = any(p.dtype == torch.float64 for p in self.target.parameters())
+        features = cache.lookup(index, spec) if cache is not None else None
+        if features is None:
+            features = self._run_guide(args, kwargs, step, n, prepare=cache is None)
+            if cache is not None:
+                cache.store(index, features, spec)
+        return {
+            name: value if isinstance(value, list) else self._prepare_guide_layer(name, value)
+            for name, value in features.items()
+        }
+
+    def _run_guide(self, args: tuple, kwargs: dict, step: int, n: int, prepare: bool) -> dict[str, Any]:
+        """One guide forward; each layer's activation is reduced and sketched (and, if ``prepare``,
+        prepared) the moment its layer fires, so the raw activations never pile up."""
         g_args, g_kwargs = self._guide_inputs(args, kwargs, step)
         n_guide = _batch_size(g_args, g_kwargs, self.input_batch_axis)
         if n_guide != n:
@@ -391,51 +424,48 @@ class Guidance(nn.Module):
                 f"the guide's inputs have batch size {n_guide} but the target's have {n}; "
                 "similarity compares the same examples, so both must see the same batch size"
             )
+        capture = self._captures["guide"]
         with capture.record(n) as g_acts, _explain_guide_failure(self.guide_input):
-            self.guide(*g_args, **g_kwargs)
+            self._guide_stream = (g_acts, set(), prepare)
+            try:
+                self.guide(*g_args, **g_kwargs)
+            finally:
+                self._guide_stream = None
         capture.check_complete(g_acts, "guide")
-        channels_first = capture.normalise.channels_first
-        # Popped, so that the capture holds no reference to the raw activations after this step.
-        features = {
-            name: self._sketch("guide", name, reduce(g_acts.pop(name), self.reduction, channels_first[name]))
-            for name in capture.names
-        }
-        if cache is not None:
-            cache.store(index, features, spec)
-        return features
+        # Popped, so that the capture holds no reference to them after this step.
+        return {name: g_acts.pop(name) for name in capture.names}
 
-    @torch.no_grad()
-    def _prepare_guide(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, list]:
-        """``guide layer → [prepared input per position]`` (one entry unless reduction='tokens').
+    def _on_guide_layer(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the guide's paired modules, run after the capture's own hook."""
+        if self._guide_stream is None:
+            return
+        acts, done, prepare = self._guide_stream
+        channels_first = self._captures["guide"].normalise.channels_first
+        for name in [name for name in acts if name not in done]:
+            done.add(name)
+            features = self._sketch("guide", name, reduce(acts[name], self.reduction, channels_first[name]))
+            acts[name] = self._prepare_guide_layer(name, features) if prepare else features
 
-        Each guide layer is centred once per step and shared by every pair naming it; where no pair
-        needs its features (a Gram-form measure, judged on the target widths of the last step),
-        only its n×n Gram is kept.
-        """
-        features = self._guide_features(args, kwargs, step, n, index)
-        float64 = any(p.dtype == torch.float64 for p in self.target.parameters())
-        prepared = {}
-        for name in list(features):
-            g = features.pop(name)
-            if self.all_gather is not None:
-                g = self.all_gather(g)
-            if float64:
-                g = g.double()
-            widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
-            with torch.autocast(device_type=g.device.type, enabled=False):
-                prepared[name] = [
-                    self._slim(self.measure.prepare(gi), widths)
-                    for gi in ([g] if g.dim() == 2 else g.unbind(1))
-                ]
-        return prepared
+    def _prepare_guide_layer(self, name: str, g: Tensor) -> list:
+        if self.all_gather is not None:
+            g = self.all_gather(g)
+        if self._guide_float64:
+            g = g.double()
+        widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return [self._prepare_guide_input(gi, widths) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
 
-    def _slim(self, p: Any, widths: list[int | None]) -> Any:
-        if not isinstance(p, Prepared):  # a measure registered as a plain function
-            return p
-        if self.guide_precision == "bf16":
-            p.matmul_dtype = torch.bfloat16
-        if all(w is not None and not self.measure.needs_features(p.n, p.d, w) for w in widths):
-            p.keep_gram_only()
+    def _prepare_guide_input(self, g: Tensor, widths: list[int | None]) -> Any:
+        measure = self.measure
+        dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
+        gram_only = all(w is not None and not measure.needs_features(g.shape[0], g.shape[1], w) for w in widths)
+        if gram_only and type(measure).prepare is Measure.prepare:
+            return Prepared.gram_only(g, measure.min_n, dtype)
+        p = measure.prepare(g)
+        if isinstance(p, Prepared):  # not a measure registered as a plain function
+            p.matmul_dtype = dtype or p.matmul_dtype
+            if gram_only:
+                p.keep_gram_only()
         return p
 
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import csv
-import errno
+import fcntl
+import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,19 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"checkpoint {path} is unreadable ({_unreadable_reason(path, err)})") from err
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in one line (torch's own text for weights_only runs to paragraphs)."""
+    if not zipfile.is_zipfile(path):
+        return "not a complete torch.save file: truncated, or not a checkpoint"
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().partition("\n")[0]
+        return f"it holds objects other than tensors and containers, which are never unpickled: {detail}"
+    first_line = text.partition("\n")[0]
+    return f"{type(err).__name__}: {first_line}"
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -81,7 +95,9 @@ class RunDir:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def has_results(self) -> bool:
-        return any((self.path / f).exists() for f in ("metrics.csv", "last.ckpt", "summary.json"))
+        return any(
+            (self.path / f).exists() for f in ("metrics.csv", "last.ckpt", "prev.ckpt", "final.pt", "summary.json")
+        )
 
     def is_finished(self) -> bool:
         summary = self.path / "summary.json"
@@ -91,15 +107,16 @@ class RunDir:
         """Create (or reuse) the folder and take its lock."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.path):  # a private name: two starters may probe at once
+                pass
         except OSError as err:
             raise RunDirError(
                 f"cannot write the run folder {self.path} ({err.strerror}); choose another folder "
                 "with --runs-dir or fix its permissions"
             ) from None
         self._lock()
+        for tmp in self.path.glob(".*.tmp"):  # left by a run killed while writing a file
+            tmp.unlink()
         if self.has_results() and not (resume or overwrite):
             self.close()
             raise RunDirError(
@@ -112,41 +129,43 @@ class RunDir:
                     f.unlink()
 
     def _lock(self) -> None:
+        """An exclusive flock on ``.lock``. The kernel releases it when its process dies, so the lock
+        of a killed run is taken over, with no race between two starters and no trust in pids."""
         lock = self.path / ".lock"
-        for _ in range(2):
+        while True:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                self._lock_fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(self._lock_fd, str(os.getpid()).encode())
-                return
-            except FileExistsError:
-                pid = _read_pid(lock)
-                if pid is not None and _alive(pid):
-                    raise RunDirError(
-                        f"{self.path} is in use by process {pid}; two runs cannot write the same "
-                        "folder (remove .lock only if that process is gone)"
-                    ) from None
-                lock.unlink(missing_ok=True)  # stale: its process was killed
-        raise RunDirError(f"could not lock {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.path} is in use by process {_read_pid(lock) or '(unknown)'}; two runs "
+                    "cannot write the same folder: wait for it to end, or give this run another name"
+                ) from None
+            if _same_file(fd, lock):  # else its holder unlinked it while closing: lock the new one
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
 
     def close(self) -> None:
         if self._lock_fd is not None:
+            (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: see _lock
             os.close(self._lock_fd)
-            (self.path / ".lock").unlink(missing_ok=True)
             self._lock_fd = None
 
     # -- files -------------------------------------------------------------------------------
 
     def write_config(self, config: dict) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict | None:
         f = self.path / "config.yaml"
         return yaml.safe_load(f.read_text()) if f.exists() else None
 
     def write_summary(self, summary: dict) -> None:
-        tmp = self.path / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, self.path / "summary.json")
+        _atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def save_checkpoint(self, state: dict) -> None:
         last, prev = self.path / "last.ckpt", self.path / "prev.ckpt"
@@ -156,33 +175,36 @@ class RunDir:
 
     def load_checkpoint(self) -> tuple[dict, list[str]]:
         """The newest readable checkpoint, and a note for each unreadable one skipped."""
-        notes = []
+        errors = []
         for name in ("last.ckpt", "prev.ckpt"):
             path = self.path / name
             if not path.exists():
                 continue
             try:
-                return _load(path), notes
+                return _load(path), [f"{e}; falling back to the previous checkpoint" for e in errors]
             except CheckpointError as err:
-                notes.append(f"{err}; falling back to the previous checkpoint")
+                errors.append(str(err))
         raise CheckpointError(
-            f"no readable checkpoint in {self.path}" + (f" ({'; '.join(notes)})" if notes else "")
+            f"no readable checkpoint in {self.path}" + (f" ({'; '.join(errors)})" if errors else "")
+            + "; start the run again with --overwrite"
         )
 
 
 class MetricsLog:
-    """metrics.csv with a fixed header; on resume, rows after the checkpoint's step are dropped."""
+    """metrics.csv with a fixed header; on resume, rows after the checkpoint's step are dropped,
+    and the test row (written after training, so again by the resumed run)."""
 
     def __init__(self, path: Path, columns: list[str], resume_step: int | None = None):
         self.path, self.columns = path, columns
         rows = []
         if resume_step is not None and path.exists():
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step and r["split"] != "test"]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write_text(path, text.getvalue())  # a kill while rewriting must not lose the kept rows
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
@@ -213,6 +235,12 @@ def _number(v: str) -> Any:
             return v
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _read_pid(lock: Path) -> int | None:
     try:
         return int(lock.read_text().strip() or "0") or None
@@ -220,9 +248,8 @@ def _read_pid(lock: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno == errno.EPERM
-    return True
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

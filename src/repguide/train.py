@@ -7,9 +7,12 @@ checkpoint takes exactly the steps an uninterrupted run takes.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from repguide.config import RunConfig
 from repguide.guidance import Constant, Guidance, OffAfter, _noise_like
 from repguide.runs import CheckpointError, MetricsLog, RunDir, load_weights
 
-__all__ = ["NonFiniteError", "train"]
+__all__ = ["NonFiniteError", "gather_batches", "train"]
 
 IGNORE_INDEX = -100
 
@@ -42,6 +45,20 @@ def step_seed(*parts: int) -> int:
     """A 63-bit seed from integers, so (seed, step, rank) streams do not overlap like seed+step."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def gather_batches(t: Tensor) -> Tensor:
+    """``t: (n, ...)`` from every process, concatenated in rank order: ``(world · n, ...)``.
+
+    Gradients flow back to each process's own rows, summed over the processes (all of which
+    compute the same global alignment loss); DDP's averaging then leaves exactly the gradient
+    one process would get from the whole batch.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # its suggested replacement lives in a private module
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
+        return torch.cat(all_gather(t.contiguous()), 0)
 
 
 def task_loss(output: Any, y: Tensor) -> Tensor:
@@ -74,6 +91,14 @@ def build_model(spec, splits: datasets.Splits, seed: int) -> nn.Module:
     if splits.vocab_size is not None:
         defaults["vocab_size"] = splits.vocab_size
     accepted = models.accepted_kwargs(spec.name)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"model {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
+            f"{', '.join(sorted(accepted))}.{hint}"
+        )
     for key, value in defaults.items():
         if key in accepted and key not in kwargs:
             kwargs[key] = value
@@ -157,7 +182,8 @@ def train(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         strategy=tc.strategy, precision=tc.precision,
     )
-    fabric.launch()
+    if not int(os.environ.get("LT_CLI_USED", "0")):  # under `fabric run`, processes exist; launch() is refused
+        fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
@@ -170,7 +196,7 @@ def train(
             run.close()
             raise CheckpointError(
                 f"cannot resume {run.path}: its config differs from this one in "
-                f"{_diff_keys(_essential(previous), _essential(resolved))}; resume with the same "
+                f"{', '.join(_diff_keys(_essential(previous), _essential(resolved)))}; resume with the same "
                 "recipe and overrides, or start a new run (another name, or --overwrite)"
             )
         run.write_config(resolved)
@@ -220,9 +246,17 @@ def _load_guide(config: RunConfig, splits, runs_dir: Path) -> nn.Module:
             guide.load_state_dict(load_weights(weights))
         except RuntimeError as err:
             raise CheckpointError(
-                f"{weights} does not fit the guide {gc.guide.name} {gc.guide.kwargs}: {str(err).splitlines()[0]}"
+                f"{weights} does not fit the guide {gc.guide.name} {gc.guide.kwargs} ({_first_mismatch(err)}); "
+                "point guidance.guide_run at weights of this guide, or set guidance.guide to the model that wrote them"
             ) from None
     return guide
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    """The first specific line of a load_state_dict error (its first line only names the class)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = lines[1] if len(lines) > 1 else (lines or [""])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, rank: int, world: int) -> dict:
@@ -266,7 +300,15 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
             target, guide, pairs=pairs, measure=gc.measure, weight=weight,
             guide_input=gc.guide_input, reduction=gc.reduction, layer_types=gc.layer_types,
             example_input=tuple(t.cpu() for t in example_inputs), noise_seed=step_seed(tc.seed, 7919, rank),
+            all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
         )
+        aligned = tc.batch_size if tc.alignment == "global" else per_rank
+        if aligned < guidance.measure.min_n:
+            raise ValueError(
+                f"guidance.measure={gc.measure!r} needs at least {guidance.measure.min_n} examples per "
+                f"batch, but train.batch_size={tc.batch_size} aligns {aligned} at a time; raise "
+                "train.batch_size (or use guidance.measure=cka)"
+            )
     optimizer = _optimizer(oc, target.parameters())
     model, optimizer = fabric.setup(target, optimizer)
     if guide is not None:
@@ -288,7 +330,8 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
             model.load_state_dict(state["target"])
         except RuntimeError as err:
             raise CheckpointError(
-                f"the checkpoint in {run.path} is from another model: {str(err).splitlines()[0]}"
+                f"the checkpoint in {run.path} is from another model ({_first_mismatch(err)}); resume with "
+                "the recipe and overrides that wrote it, or start again with --overwrite"
             ) from None
         optimizer.load_state_dict(state["optimizer"])
         if guidance is not None:
@@ -384,9 +427,13 @@ def _better(best: dict | None, val: Evaluation) -> dict:
 def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_clip, step) -> dict:
     """One optimiser step; returns the row of metrics to log."""
     align, sims, init_phase = None, {}, gc.mode == "guide" and step < gc.init_steps
+    # A skipped step must leave no trace, not even the BatchNorm statistics of its forward pass.
+    buffers = [b.detach().clone() for b in model.buffers()] if tc.nonfinite == "skip" else []
     if guidance is not None:
         if init_phase and gc.init_input == "noise":
-            generator = torch.Generator(device=inputs[0].device).manual_seed(step_seed(tc.seed, step, 104729))
+            # Each rank draws its own noise: identical shards would shrink the global batch to one shard.
+            seed = step_seed(tc.seed, step, 104729, fabric.global_rank)
+            generator = torch.Generator(device=inputs[0].device).manual_seed(seed)
             inputs = [_noise_like(t, generator) for t in inputs]
         with fabric.autocast():
             out = guidance(*inputs)
@@ -404,6 +451,10 @@ def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_cli
            "align_loss": None if align is None else float(align.detach())}
     row.update({_pair_column(k): float(v.detach()) for k, v in sims.items()})
     culprit = _nonfinite_culprit(task, align, sims, init_phase)
+    if fabric.world_size > 1:  # all ranks must skip backward (a collective under DDP) together
+        bad = fabric.all_reduce(torch.tensor(float(culprit is not None)), reduce_op="sum")
+        if culprit is None and float(bad) > 0:
+            culprit = "a loss on another process"
     if culprit is None:
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
@@ -411,10 +462,14 @@ def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_cli
     if culprit is not None:
         if tc.nonfinite == "stop":
             raise NonFiniteError(
-                f"non-finite value at step {step}: {culprit}. The last good checkpoint is kept; "
+                f"non-finite value at step {step + 1} (counted as in metrics.csv): {culprit}. "
+                "The last good checkpoint is kept; "
                 "lower the learning rate or the alignment weight, or set train.nonfinite=skip"
             )
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
         return {**row, "loss": float("nan")}
     optimizer.step()
     return row
@@ -422,12 +477,12 @@ def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_cli
 
 def _nonfinite_culprit(task, align, sims, init_phase) -> str | None:
     if not init_phase and not torch.isfinite(task):
-        return f"task loss = {float(task)}"
+        return f"task loss = {float(task.detach())}"
     for (t, g), s in sims.items():
         if not torch.isfinite(s):
-            return f"similarity of pair (target {t!r}, guide {g!r}) = {float(s)}"
+            return f"similarity of pair (target {t!r}, guide {g!r}) = {float(s.detach())}"
     if align is not None and not torch.isfinite(align):
-        return f"alignment loss = {float(align)}"
+        return f"alignment loss = {float(align.detach())}"
     return None
 
 
@@ -437,9 +492,9 @@ def _nonfinite_gradient(model, grad_clip, fabric, optimizer) -> str | None:
     else:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
-    if torch.isfinite(norm):
-        return None
-    for name, p in model.named_parameters():
+    if torch.isfinite(norm) or getattr(fabric.strategy.precision, "scaler", None) is not None:
+        return None  # fp16's loss scaler skips an overflowing step itself, and lowers its scale
+    for name, p in getattr(model, "module", model).named_parameters():  # names without Fabric's wrapper
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return f"gradient of parameter {name!r}"
     return "gradient norm"

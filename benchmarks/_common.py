@@ -1,0 +1,209 @@
+"""What every benchmark shares: interleaved timing, the two workloads, machine facts, results on disk.
+
+Timing: all variants of one comparison run in one process, after warm-up, one call of each per
+round in a rotating order, and the median over rounds is reported. Interleaving makes a change in
+machine load (other processes, frequency) hit every variant alike instead of biasing whichever
+happened to run during it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import repguide as rg
+from repguide import data, models
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: ``BENCH_CLOCK=cpu`` times with the calling thread's CPU time instead of wall time: other
+#: processes' load does not inflate it, but it only counts work done on that thread, so it is
+#: meaningful with one intra-op thread (``THREADS=1 BENCH_CLOCK=cpu bash benchmarks/run.sh``).
+CLOCK_NAME = os.environ.get("BENCH_CLOCK", "wall")
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}[CLOCK_NAME]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                clock: Callable[[], float] = CLOCK) -> dict[str, dict]:
+    """``name → {"median", "q1", "q3", "min"}`` in seconds over ``repeats`` rounds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+    return {name: summary(ts) for name, ts in times.items()}
+
+
+def summary(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return {"median": statistics.median(ts), "q1": q[0], "q3": q[2], "min": min(ts), "n": len(ts)}
+
+
+def machine() -> dict:
+    """Facts that a timing depends on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clock": CLOCK_NAME,
+        "malloc_env_set": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) and bool(os.environ.get("MALLOC_TRIM_THRESHOLD_")),
+        "loadavg_1min": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def check_environment() -> None:
+    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        print("warning: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ are not set; run through "
+              "benchmarks/run.sh (glibc malloc makes conv timings up to 2.3x slower and noisy)")
+    if CLOCK_NAME == "cpu" and torch.get_num_threads() > 1:
+        print("warning: BENCH_CLOCK=cpu counts the main thread only; use it with THREADS=1")
+
+
+def save(name: str, payload: dict) -> Path:
+    """results/<name>.json; runs with another thread count or clock get their own file."""
+    RESULTS.mkdir(exist_ok=True)
+    threads = torch.get_num_threads()
+    suffix = "" if (threads, CLOCK_NAME) == (2, "wall") else f"-{threads}thread-{CLOCK_NAME}"
+    path = RESULTS / f"{name}{suffix}.json"
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    return path
+
+
+def table(columns: list[str], rows: list[list]) -> str:
+    """A markdown table; floats are shown with 3 significant digits."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "—"
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y against log x (the measured exponent)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class Workload:
+    """A target, a guide, a data set with example indices and the task loss of one benchmark."""
+
+    name: str
+    make_target: Callable[[], nn.Module]
+    make_guide: Callable[[], nn.Module]
+    dataset: object  # has .batch(idx) -> (inputs, y); with_index is handled here
+    batch_size: int
+    loss: Callable[[Tensor, Tensor], Tensor]
+    source: str  # where the data comes from
+
+    def batch(self, k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch k in a fixed order: ``(x, y, index)``."""
+        n = len(self.dataset)
+        index = (torch.arange(self.batch_size) + k * self.batch_size) % n
+        x, y = self.dataset.batch(index)[:2]
+        return x, y, index
+
+
+def _classification_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def _lm_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def fcn_resnet(batch_size: int = 256, depth: int = 24, width: int = 512, guide_width: int = 16,
+               examples: int = 2560) -> Workload:
+    """(a) Deep FCN (BatchNorm, ReLU, dropout 0.1) ← ResNet-18 on 1×28×28 images."""
+    try:
+        dataset, source = data.create("fashion_mnist", train_size=examples).train, "Fashion-MNIST"
+    except (FileNotFoundError, ValueError):
+        g = torch.Generator().manual_seed(0)
+        dataset = rg.data.TensorExamples(torch.randn(examples, 1, 28, 28, generator=g),
+                                         torch.randint(0, 10, (examples,), generator=g))
+        source = "random images (Fashion-MNIST not installed)"
+    return Workload(
+        f"deep_fcn {depth}x{width} <- resnet18 w{guide_width}, batch {batch_size}",
+        lambda: models.create("deep_fcn", depth=depth, width=width),
+        lambda: models.resnet18(width=guide_width),
+        dataset, batch_size, _classification_loss, source,
+    )
+
+
+def lstm_transformer(batch_size: int = 64, context: int = 128, examples: int = 1280) -> Workload:
+    """(b) LSTM LM 2×256 ← causal Transformer LM d=128, 4 layers, on characters."""
+    try:
+        splits = data.create("shakespeare_char", context=context)
+        dataset, vocab, source = splits.train, splits.vocab_size, "Shakespeare characters"
+    except (FileNotFoundError, ValueError, ImportError):
+        vocab = 65
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, vocab, (examples, context + 1), generator=g)
+        dataset = rg.data.TensorExamples(tokens[:, :-1], tokens[:, 1:])
+        source = "random tokens (Shakespeare not installed)"
+    return Workload(
+        f"lstm_lm 2x256 <- transformer_lm d128x4, {batch_size}x{context} tokens, vocab {vocab}",
+        lambda: models.lstm_lm(vocab, hidden_dim=256, num_layers=2),
+        lambda: models.transformer_lm(vocab, dim=128, depth=4),
+        _Head(dataset, examples), batch_size, _lm_loss, source,
+    )
+
+
+class _Head:
+    """The first ``size`` examples of a data set (a fixed pool the guide cache covers)."""
+
+    def __init__(self, dataset, size: int):
+        self.dataset, self.size = dataset, min(size, len(dataset))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batch(self, idx: Tensor):
+        return self.dataset.batch(idx)
+
+
+WORKLOADS = {"a": fcn_resnet, "b": lstm_transformer}
+
+
+def seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return make()

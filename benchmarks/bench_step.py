@@ -1,0 +1,350 @@
+"""Step overhead of guidance: exact guided step against its floor and against the official code.
+
+For each workload ((a) Deep FCN ← ResNet-18, (b) LSTM LM ← Transformer LM):
+
+* floor = plain target step (forward, backward, Adam) + guide forward under no_grad + every matrix
+  product the measure needs for every pair, each timed alone (for linear CKA in the Gram form: each
+  guide layer's Gram, each target layer's Gram and the one product of its backward);
+* R1 = exact guided step / floor (goal ≤ 1.05); R2 = exact / official-style step (goal ≤ 0.40);
+* peak memory: the rise of the process's peak RSS (VmHWM) over two steps after a warm-up step, in
+  fresh subprocesses, of the guided step against a process that runs the guide forward and the
+  plain step one after the other: what any exact guided step must hold (goal ≤ 1.2);
+* the opt-in fast modes: step time, and their error against the exact alignment loss on a batch
+  the timing did not use (relative loss error, largest per-pair similarity error, cosine between
+  the alignment gradients).
+
+    bash benchmarks/run.sh step          # or: python benchmarks/bench_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import official_style  # noqa: E402
+from _common import WORKLOADS, check_environment, interleaved, machine, save, seeded, table  # noqa: E402
+
+import repguide as rg  # noqa: E402
+from repguide.guidance import GuideFeatureCache  # noqa: E402
+from repguide.similarity import _use_gram_form  # noqa: E402
+
+SKETCH = {"a": 1024, "b": 1024}
+
+# Fast modes: Guidance keyword arguments (the cache is added by make_guidance).
+FAST_MODES = {
+    "bf16 guide Grams": dict(guide_precision="bf16"),
+    "sketch {k}": dict(sketch_dim="{k}"),
+    "guide cache": dict(guide_cache=True),
+    "guide cache + sketch {k}": dict(guide_cache=True, sketch_dim="{k}"),
+    "guide cache + sketch {k} + bf16": dict(guide_cache=True, sketch_dim="{k}", guide_precision="bf16"),
+}
+
+
+def fast_modes(key: str) -> dict[str, dict]:
+    k = SKETCH[key]
+    out = {}
+    for name, options in FAST_MODES.items():
+        out[name.format(k=k)] = {o: (k if v == "{k}" else v) for o, v in options.items()}
+    return out
+
+
+def make_guidance(target, guide, x, workload, options: dict) -> rg.Guidance:
+    """A Guidance with ``options``; a requested guide cache is created and filled on the pool."""
+    options = dict(options)
+    cache = options.pop("guide_cache", False)
+    if cache:
+        options["guide_cache"] = GuideFeatureCache(len(workload.dataset))
+    guidance = rg.Guidance(target, guide, example_input=x, **options)
+    if cache:
+        with torch.no_grad():
+            for k in range(-(-len(workload.dataset) // workload.batch_size)):
+                xb, _, index = workload.batch(k)
+                guidance.eval()(xb, guide_index=index)
+        guidance.train()
+    return guidance
+
+
+class Runner:
+    """The objects of one variant and its optimiser step on a fixed batch."""
+
+    def __init__(self, workload, variant: str, options: dict | None = None, pairs=None):
+        self.workload, self.variant = workload, variant
+        self.x, self.y, self.index = workload.batch(0)
+        self.target = seeded(workload.make_target, 0)
+        self.guide = seeded(workload.make_guide, 1).eval()
+        self.optimizer = torch.optim.Adam(self.target.parameters(), lr=1e-3)
+        self.guidance = None
+        if variant == "official":
+            self.pairs = pairs
+        elif variant not in ("plain", "guide forward", "plain + guide forward"):
+            self.guidance = make_guidance(self.target, self.guide, self.x, workload, options or {})
+
+    def __call__(self) -> None:
+        x, y, loss_fn = self.x, self.y, self.workload.loss
+        if self.variant == "guide forward":
+            with torch.no_grad():
+                self.guide(x)
+            return
+        if self.variant == "official":
+            official_style.step(self.target, self.guide, self.pairs, self.optimizer, loss_fn, x, y)
+            return
+        if self.variant == "plain + guide forward":
+            with torch.no_grad():
+                self.guide(x)
+        if self.guidance is None:
+            loss = loss_fn(self.target(x), y)
+        else:
+            kwargs = {"guide_index": self.index} if self.guidance.guide_cache is not None else {}
+            out = self.guidance(x, **kwargs)
+            loss = loss_fn(out.output, y) + out.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------
+# The floor: the products linear CKA needs, each timed alone
+
+
+def floor_products(guidance: rg.Guidance, x: torch.Tensor) -> list[tuple[str, str, tuple, int]]:
+    """``(what, op, dims, count)`` for every product one exact step needs, from the layer widths.
+
+    ``op`` is ``"a@a.T"`` (a: (m, k)), ``"a.T@b"`` (a: (n, p), b: (n, q)) or ``"a@b"`` (m×k @ k×p).
+    """
+    target_capture, guide_capture = guidance._captures["target"], guidance._captures["guide"]
+    n = x.shape[0]
+    with torch.no_grad(), target_capture.record(n) as t_acts, guide_capture.record(n) as g_acts:
+        guidance.target(x)
+        guidance.guide(x)
+    width = {name: a[0].numel() for name, a in {**t_acts, **g_acts}.items()}
+    counts: dict[tuple, int] = {}
+
+    def need(what, op, dims):
+        counts[(what, op, dims)] = counts.get((what, op, dims), 0) + 1
+
+    def self_term(what, d, backward):
+        if d < n:  # d×d cross-product, and x @ (G + Gᵀ) backward
+            need(what, "a.T@b", (n, d, d))
+            if backward:
+                need(what + " backward", "a@b", (n, d, d))
+        else:  # n×n Gram, and (G + Gᵀ) @ x backward
+            need(what, "a@a.T", (n, d))
+            if backward:
+                need(what + " backward", "a@b", (n, n, d))
+
+    guide_self = set()
+    for pair in guidance.pairs:
+        dt, dg = width[pair.target], width[pair.guide]
+        if _use_gram_form(n, dt, dg):
+            self_term("target Gram", dt, True)
+            guide_self.add((pair.guide, "guide Gram"))
+        else:
+            need("cross product", "a.T@b", (n, dt, dg))
+            need("cross product backward", "a@b", (n, dg, dt))
+            self_term("target self-product", dt, True)
+            guide_self.add((pair.guide, "guide self-product"))
+    for g, what in guide_self:
+        self_term(what, width[g], False)
+    return [(what, op, dims, c) for (what, op, dims), c in counts.items()]
+
+
+def _product(op: str, dims: tuple):
+    if op == "a@a.T":
+        a = torch.randn(*dims)
+        return lambda: a @ a.T
+    if op == "a.T@b":
+        n, p, q = dims
+        a, b = torch.randn(n, p), torch.randn(n, q)
+        return lambda: a.T @ b
+    m, k, p = dims
+    a, b = torch.randn(m, k), torch.randn(k, p)
+    return lambda: a @ b
+
+
+def time_products(products, repeats: int) -> dict:
+    """Median seconds of each distinct product, each timed alone."""
+    fns = {str((op, dims)): _product(op, dims) for _, op, dims, _ in products}
+    return {k: v["median"] for k, v in interleaved(fns, repeats).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors of the fast modes
+
+
+def alignment(workload, options: dict, x, index, target_state, guide) -> tuple[float, dict, torch.Tensor]:
+    target = seeded(workload.make_target, 0)
+    target.load_state_dict(target_state)
+    guidance = make_guidance(target, copy.deepcopy(guide), x, workload, options)
+    kwargs = {"guide_index": index} if guidance.guide_cache is not None else {}
+    torch.manual_seed(123)  # the same dropout masks in every variant
+    out = guidance(x, **kwargs)
+    out.loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in target.parameters() if p.grad is not None])
+    return float(out.loss.detach()), {k: float(v.detach()) for k, v in out.similarities.items()}, grad
+
+
+def fast_mode_errors(workload, modes: dict[str, dict], runner: Runner) -> dict[str, dict]:
+    x, _, index = workload.batch(1)
+    state = runner.target.state_dict()
+    loss0, sims0, grad0 = alignment(workload, {}, x, index, state, runner.guide)
+    errors = {}
+    for name, options in modes.items():
+        loss, sims, grad = alignment(workload, options, x, index, state, runner.guide)
+        errors[name] = {
+            "loss": loss, "exact_loss": loss0, "loss_error": abs(loss - loss0),
+            "max_similarity_error": max(abs(sims[k] - sims0[k]) for k in sims0),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(grad.double(), grad0.double(), dim=0)),
+        }
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory, one fresh process per variant
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(key: str, variant: str, pairs: list, options: dict) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    workload = WORKLOADS[key]()
+    runner = Runner(workload, variant, options, [tuple(p) for p in pairs])
+    runner()  # one warm-up step: optimiser state and one-time buffers are not the step's peak
+    # Free what set-up left for the garbage collector and return the heap it freed (data loading,
+    # discovery forwards, cache filling) to the system, so that the step cannot hide its needs in
+    # it; then reset the peak RSS (VmHWM) to the current RSS.
+    gc.collect()
+    gc.disable()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS:")
+    for _ in range(2):
+        runner()
+    print(json.dumps({"peak_rise_mib": (_status_kb("VmHWM:") - base) / 1024}))
+
+
+def measure_memory(key: str, variant: str, pairs, options=None, repeats: int = 1) -> float:
+    """Median over ``repeats`` fresh processes of the peak RSS rise over two steps (MiB)."""
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps([key, variant, pairs, options or {}])]
+    rises = []
+    for _ in range(repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True).stdout
+        rises.append(json.loads(out.strip().splitlines()[-1])["peak_rise_mib"])
+    return statistics.median(rises)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_workload(key: str, repeats: int, quick: bool) -> dict:
+    workload = WORKLOADS[key]()
+    print(f"\n## ({key}) {workload.name}\n\ndata: {workload.source}\n", flush=True)
+    exact = Runner(workload, "exact")
+    pairs = [p.key for p in exact.guidance.pairs]
+    modes = fast_modes(key)
+    runners = {
+        "plain": Runner(workload, "plain"),
+        "guide forward": Runner(workload, "guide forward"),
+        "exact": exact,
+        "official": Runner(workload, "official", pairs=pairs),
+        **{name: Runner(workload, "fast", options) for name, options in modes.items()},
+    }
+    timed = interleaved(runners, repeats)
+    med = {k: v["median"] for k, v in timed.items()}
+    products = floor_products(exact.guidance, exact.x)
+    product_times = time_products(products, repeats=max(5, repeats))
+    product_total = sum(product_times[str((op, dims))] * c for _, op, dims, c in products)
+    floor = med["plain"] + med["guide forward"] + product_total
+    result = {
+        "workload": workload.name, "data": workload.source, "pairs": len(pairs),
+        "timings": timed, "products": [
+            {"what": what, "op": op, "dims": dims, "count": c, "seconds": product_times[str((op, dims))]}
+            for what, op, dims, c in products
+        ],
+        "floor": floor, "R1": med["exact"] / floor, "R2": med["exact"] / med["official"],
+    }
+    rows = [
+        ["plain target step", med["plain"] * 1e3, med["plain"] / med["plain"]],
+        ["guide forward (no_grad)", med["guide forward"] * 1e3, float("nan")],
+        [f"products, {sum(c for *_, c in products)} for {len(pairs)} pairs, each timed alone",
+         product_total * 1e3, float("nan")],
+        ["**floor** (sum of the three)", floor * 1e3, floor / med["plain"]],
+        ["**exact guided step**", med["exact"] * 1e3, med["exact"] / med["plain"]],
+        ["official-style guided step", med["official"] * 1e3, med["official"] / med["plain"]],
+    ] + [[f"fast: {name}", med[name] * 1e3, med[name] / med["plain"]] for name in modes]
+    md = [table(["step", "median ms", "× plain step"], rows)]
+    md.append(f"\nR1 = exact / floor = **{result['R1']:.3f}** (goal ≤ 1.05); "
+              f"R2 = exact / official = **{result['R2']:.3f}** (goal ≤ 0.40)")
+
+    print("measuring fast-mode errors ...", flush=True)
+    errors = fast_mode_errors(workload, modes, exact)
+    result["fast_mode_errors"] = errors
+    exact_loss = next(iter(errors.values()))["exact_loss"]
+    md.append(f"\nErrors on another batch, same weights; exact alignment loss there: {exact_loss:.4f} "
+              f"(Σ over {len(pairs)} pairs of 1 − similarity):\n")
+    md.append(table(
+        ["fast mode", "step ms", "× plain", "× exact", "|Δ loss|", "max |Δ similarity|", "1 − grad cosine"],
+        [[name, med[name] * 1e3, med[name] / med["plain"], med[name] / med["exact"],
+          e["loss_error"], e["max_similarity_error"], 1 - e["grad_cosine"]] for name, e in errors.items()],
+    ))
+
+    if not quick:
+        print("measuring peak memory (one process per variant) ...", flush=True)
+        cache_sketch = f"guide cache + sketch {SKETCH[key]}"
+        # The ratio's two terms are medians of 3 processes: the glibc heap's layout makes a single
+        # process's peak vary by ~10%.
+        mem = {v: measure_memory(key, v, pairs, repeats=3 if v in ("plain + guide forward", "exact") else 1)
+               for v in ("plain", "guide forward", "plain + guide forward", "exact", "official")}
+        mem[cache_sketch] = measure_memory(key, "fast", pairs, modes[cache_sketch])
+        base = mem["plain + guide forward"]
+        result["memory_mib"] = mem
+        result["memory_ratio"] = mem["exact"] / base
+        md.append("\n" + table(
+            ["process runs", "peak RSS rise MiB", "× (plain step + guide forward)"],
+            [[v, m, m / base] for v, m in mem.items()],
+        ))
+        md.append(f"\nmemory ratio = exact / (plain step + guide forward) = **{result['memory_ratio']:.3f}** "
+                  f"(goal ≤ 1.2); against the sum of the two processes' rises: "
+                  f"{mem['exact'] / (mem['plain'] + mem['guide forward']):.3f}")
+    result["markdown"] = "\n".join(md)
+    print(result["markdown"], flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory subprocesses")
+    parser.add_argument("--workloads", default="ab")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*json.loads(args.memory_child))
+        return
+    check_environment()
+    repeats = 5 if args.quick else 9
+    results = {"machine": machine(), "workloads": {}}
+    print("# bench_step\n", results["machine"])
+    for key in args.workloads:
+        results["workloads"][key] = run_workload(key, repeats, args.quick)
+    results["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
+    print("saved", save("bench_step", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Bad input gets a clear error: what is wrong and how to fix it, exit status 2 (or an exception from
+the Python API), and nothing lost. Every message checked here is recorded, and docs/errors.md is the
+table of them: regenerate it with ``REPGUIDE_WRITE_ERRORS_DOC=1 pytest tests/test_cli.py``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import repguide as rg
+from repguide.cli import main
+from repguide.config import load_recipe
+from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
+from repguide.runs import RunDir, atomic_save
+
+FMNIST = Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT)
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed in {FMNIST} (as root: {INSTALL_COMMAND})",
+)
+
+RECIPE = "deep_fcn_untrained_resnet18"
+DOC = Path(__file__).parents[1] / "docs" / "errors.md"
+
+# id -> (bad input, how it was given, message with the test's temporary paths and pid replaced)
+MESSAGES: dict[str, tuple[str, str, str]] = {}
+
+
+def record(case: str, bad_input: str, given: str, message: str, tmp_path: Path) -> None:
+    message = message.replace(str(tmp_path), "$TMP").replace(f"process {os.getpid()}", "process $PID")
+    MESSAGES[case] = (bad_input, given, message)
+
+
+def run_args(tmp_path: Path, *args: str) -> list[str]:
+    return ["run", RECIPE, "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet", *args]
+
+
+def cli_error(tmp_path: Path, capsys, *args: str) -> str:
+    """Run ``repguide run`` on the tiny recipe; assert exit status 2; return the one-line error."""
+    assert main(run_args(tmp_path, *args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("repguide: error: ") and "Traceback" not in err
+    return err.rstrip("\n")
+
+
+def nothing_written(tmp_path: Path) -> bool:
+    """A failed fresh run leaves no results, so the corrected command needs no --overwrite."""
+    return not RunDir(tmp_path / "runs", RECIPE).has_results()
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def mlp(width_in: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Linear(width_in, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def existing_run(tmp_path: Path, **overrides) -> Path:
+    """A run folder as a run of the tiny recipe leaves it: config.yaml and metrics.csv."""
+    run = RunDir(tmp_path / "runs", RECIPE)
+    run.path.mkdir(parents=True)
+    run.write_config(load_recipe(RECIPE, "tiny", overrides).model_dump(mode="json"))
+    (run.path / "metrics.csv").write_text("step,epoch,split,loss\n1,0,train,2.3\n")
+    return run.path
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def test_unknown_recipe_names_the_closest_recipes(tmp_path, capsys):
+    assert main(["run", "deep_fcn_untrained_resnt18", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert "no recipe 'deep_fcn_untrained_resnt18'" in err and "Did you mean deep_fcn_untrained_resnet18" in err
+    record("recipe", "unknown recipe", "`repguide run deep_fcn_untrained_resnt18`", err, tmp_path)
+
+
+def test_unknown_recipe_key_suggests_the_right_key(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.epoch=3")
+    assert "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in err
+    assert nothing_written(tmp_path)
+    record("key", "unknown recipe key", "`train.epoch=3`", err, tmp_path)
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.epochs=three")
+    assert "train.epochs: Input should be a valid integer" in err and "(got 'three')" in err
+    record("type", "wrong type", "`train.epochs=three`", err, tmp_path)
+
+
+def test_override_without_a_value_shows_the_form(tmp_path, capsys):
+    assert main(["run", RECIPE, "train.epochs", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert "override 'train.epochs' must look like key=value, e.g. train.epochs=3" in err
+    record("override", "override without `=`", "`repguide run deep_fcn_untrained_resnet18 train.epochs`", err, tmp_path)
+
+
+@needs_fmnist
+def test_unknown_model_lists_the_models(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "model.name=resnet19")
+    assert "unknown model 'resnet19'; available: " in err and "Did you mean 'resnet18'?" in err
+    assert nothing_written(tmp_path)
+    record("model", "unknown model", "`model.name=resnet19`", err, tmp_path)
+
+
+@needs_fmnist
+def test_unknown_model_option_lists_the_options(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "model.kwargs.depht=3")
+    assert "model 'deep_fcn' has no option 'depht'; it accepts " in err and "Did you mean depth?" in err
+    record("model-option", "unknown model option", "`model.kwargs.depht=3`", err, tmp_path)
+
+
+@needs_fmnist
+def test_unknown_measure_lists_the_measures(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.measure=ckaa")
+    assert "unknown similarity measure 'ckaa'; available: " in err and "Did you mean 'cka'?" in err
+    record("measure", "unknown similarity measure", "`guidance.measure=ckaa`", err, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers, pairs and the guide
+
+
+@needs_fmnist
+def test_unknown_layer_name_lists_the_closest_names(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.pairs=[[blocks.0.linaer, conv1]]")
+    assert "the target has no layer named 'blocks.0.linaer'. Closest: blocks.0.linear" in err
+    assert nothing_written(tmp_path)
+    record("layer", "unknown layer name", "`guidance.pairs=[[blocks.0.linaer, conv1]]`", err, tmp_path)
+
+
+@needs_fmnist
+def test_empty_pairing_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.pairs=[]")
+    assert "the pairing is empty: give at least one (target layer, guide layer) pair" in err
+    record("pairs", "empty pairing", "`guidance.pairs=[]`", err, tmp_path)
+
+
+@needs_fmnist
+def test_unbiased_cka_on_fewer_than_4_examples_asks_for_a_larger_batch(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.measure=cka_unbiased", "train.batch_size=2")
+    assert "guidance.measure='cka_unbiased' needs at least 4 examples per batch" in err
+    assert "raise train.batch_size" in err and nothing_written(tmp_path)
+    record("n<4", "n < 4 with the unbiased estimator", "`guidance.measure=cka_unbiased train.batch_size=2`", err, tmp_path)
+
+
+def test_unbiased_cka_on_fewer_than_4_examples_in_python(tmp_path):
+    target, guide = mlp(), mlp()
+    guidance = rg.Guidance(target, guide, measure="cka_unbiased")
+    with pytest.raises(ValueError, match="needs at least 4 examples") as err:
+        guidance(torch.randn(3, 10))
+    record("n<4-python", "n < 4 with the unbiased estimator (Python)",
+           '`Guidance(target, guide, measure="cka_unbiased")` on a batch of 3', str(err.value), tmp_path)
+
+
+@needs_fmnist
+def test_guide_that_does_not_accept_the_targets_inputs_suggests_guide_input(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.guide.kwargs.in_channels=3")
+    assert "the guide failed on the target's inputs (RuntimeError: " in err and "3 channels" in err
+    assert "guide_input= a callable" in err and nothing_written(tmp_path)
+    record("guide-input", "guide that does not accept the target's inputs",
+           "`guidance.guide.kwargs.in_channels=3` (a 3-channel ResNet guide, 1-channel images)", err, tmp_path)
+
+
+def test_guide_that_does_not_accept_the_targets_inputs_in_python(tmp_path):
+    guidance = rg.Guidance(mlp(10), mlp(12))
+    with pytest.raises(ValueError, match="the guide failed on the target's inputs") as err:
+        guidance(torch.randn(8, 10))
+    assert isinstance(err.value.__cause__, RuntimeError)  # the guide's own error stays attached
+    record("guide-input-python", "guide that does not accept the target's inputs (Python)",
+           "`Guidance(target, guide)` with a guide taking 12 features, a target taking 10", str(err.value), tmp_path)
+
+
+def test_guide_and_target_inputs_of_different_batch_size(tmp_path):
+    half = rg.Guidance(mlp(), mlp(), guide_input=lambda args, kwargs: ((args[0][:4],), kwargs))
+    with pytest.raises(ValueError, match="batch size 4 but the target's have 8") as err:
+        half(torch.randn(8, 10))
+    record("batch", "guide and target inputs of different batch size",
+           "`Guidance(..., guide_input=lambda a, k: ((a[0][:4],), k))` on a batch of 8", str(err.value), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, folders, checkpoints
+
+
+@needs_fmnist
+def test_missing_data_set_gives_the_install_command(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(ENV_VAR, str(empty))
+    err = cli_error(tmp_path, capsys)
+    assert f"Fashion-MNIST not found in {empty}" in err and INSTALL_COMMAND in err and ENV_VAR in err
+    assert nothing_written(tmp_path)
+    record("data", "missing data set", f"`{ENV_VAR}` set to an empty folder", err, tmp_path)
+
+
+def test_unwritable_run_folder_names_it(tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")
+    err = cli_error(tmp_path, capsys)
+    assert f"cannot write the run folder {blocker / RECIPE} (Not a directory)" in err and "--runs-dir" in err
+    assert blocker.read_text() == "a file where the runs folder should be"
+    record("folder", "unwritable run folder", "`--runs-dir` under a regular file", err, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_run_folder_names_it(tmp_path, capsys):
+    (tmp_path / "runs").mkdir(mode=0o555)
+    err = cli_error(tmp_path, capsys)
+    assert "cannot write the run folder" in err and "Permission denied" in err
+
+
+def test_folder_with_results_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    folder = existing_run(tmp_path)
+    before = files(folder)
+    err = cli_error(tmp_path, capsys)
+    assert f"{folder} already holds results; pass --resume" in err and "--overwrite" in err
+    assert files(folder) == before
+    record("clobber", "run folder that already holds results", "the same command twice, without `--resume`", err, tmp_path)
+
+
+def test_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    holder = RunDir(tmp_path / "runs", RECIPE)
+    holder.open(resume=False, overwrite=False)
+    try:
+        err = cli_error(tmp_path, capsys)
+    finally:
+        holder.close()
+    assert f"is in use by process {os.getpid()}; two runs cannot write the same folder" in err
+    record("lock", "run folder in use by a live run", "a second `repguide run` on the same folder", err, tmp_path)
+
+
+def test_resume_with_an_incompatible_config_names_the_differences(tmp_path, capsys):
+    folder = existing_run(tmp_path)
+    before = files(folder)
+    err = cli_error(tmp_path, capsys, "--resume", "model.kwargs.width=32", "optim.lr=0.01")
+    assert "its config differs from this one in model.kwargs.width, optim.lr" in err
+    assert "resume with the same recipe and overrides" in err
+    assert files(folder) == before
+    record("resume-config", "resume with an incompatible config",
+           "`--resume model.kwargs.width=32 optim.lr=0.01`", err, tmp_path)
+
+
+def fake_checkpoint(state_dict: dict) -> dict:
+    return {"step": 2, "target": state_dict, "optimizer": {}, "guidance_step": torch.zeros(()), "best": None}
+
+
+@needs_fmnist
+def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
+    folder = existing_run(tmp_path)
+    other = rg.models.create("deep_fcn", depth=4, width=32)
+    atomic_save(fake_checkpoint(other.state_dict()), folder / "last.ckpt")
+    before = files(folder)
+    err = cli_error(tmp_path, capsys, "--resume")
+    assert f"the checkpoint in {folder} is from another model (size mismatch for blocks.0.linear.weight" in err
+    assert "--overwrite" in err and files(folder) == before
+    record("checkpoint-model", "checkpoint from another model", "a `last.ckpt` of a wider FCN, `--resume`", err, tmp_path)
+
+
+@needs_fmnist
+def test_every_checkpoint_unreadable_is_a_clear_error(tmp_path, capsys):
+    folder = existing_run(tmp_path)
+    (folder / "last.ckpt").write_bytes(b"not a checkpoint")
+    (folder / "prev.ckpt").write_bytes(b"")
+    before = files(folder)
+    err = cli_error(tmp_path, capsys, "--resume")
+    assert f"no readable checkpoint in {folder}" in err
+    assert f"checkpoint {folder / 'last.ckpt'} is unreadable" in err and "prev.ckpt is unreadable" in err
+    assert "start the run again with --overwrite" in err and files(folder) == before
+    record("checkpoint-corrupt", "every checkpoint truncated or corrupt", "`--resume`", err, tmp_path)
+
+
+@needs_fmnist
+def test_trained_guide_weights_from_another_model_are_refused(tmp_path, capsys):
+    weights = tmp_path / "fcn_final.pt"
+    atomic_save(rg.models.create("deep_fcn", depth=4, width=16).state_dict(), weights)
+    err = cli_error(tmp_path, capsys, f"guidance.guide_run={weights}")
+    assert f"{weights} does not fit the guide resnet18" in err and "point guidance.guide_run at" in err
+    record("guide-weights", "trained guide weights from another model", "`guidance.guide_run=fcn_final.pt`", err, tmp_path)
+
+
+@needs_fmnist
+def test_trained_guide_that_was_never_trained_says_how_to_train_it(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.guide_run=resnet18_fmnist")
+    assert "trained guide 'resnet18_fmnist': no weights at " in err
+    assert "train it first (repguide run resnet18_fmnist --scale tiny)" in err
+    record("guide-run", "trained guide whose run does not exist", "`guidance.guide_run=resnet18_fmnist`", err, tmp_path)
+
+
+@needs_fmnist
+def test_nonfinite_loss_names_the_step_and_what_to_change(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "optim.lr=1e30")
+    assert "non-finite value at step 2 (counted as in metrics.csv): task loss = nan" in err
+    assert "train.nonfinite=skip" in err
+    record("nonfinite", "learning rate so large the loss becomes NaN", "`optim.lr=1e30`", err, tmp_path)
+
+
+def test_the_command_line_exits_2_with_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "repguide.cli", "run", "no_such_recipe", "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("repguide: error: no recipe 'no_such_recipe'") and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# docs/errors.md
+
+
+def errors_table() -> str:
+    lines = [
+        "# Errors",
+        "",
+        "Every bad input below was tried by `tests/test_cli.py`, and the message is the one it got",
+        "(`$TMP` stands for the test's temporary folder, `$PID` for a process id). On the command line each",
+        "exits with status 2 and prints only the message; the Python API raises `ValueError` (or a",
+        "subclass) with the same text. A failing command deletes nothing, and one that fails before training",
+        "starts leaves no results behind, so the corrected command needs no `--overwrite`.",
+        "",
+        "Regenerate with `REPGUIDE_WRITE_ERRORS_DOC=1 .venv/bin/python -m pytest tests/test_cli.py`.",
+        "",
+        "| bad input | given as | message |",
+        "|---|---|---|",
+    ]
+    for bad_input, given, message in MESSAGES.values():
+        lines.append(f"| {bad_input} | {given.replace('|', chr(92) + '|')} | {_cell(message)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Exact text in a table cell: one code span per line (pipes escaped), lines joined by <br>."""
+    spans = []
+    for line in text.splitlines():
+        line = line.replace("|", "\\|")
+        fence = "``" if "`" in line else "`"
+        spans.append(f"{fence} {line} {fence}" if fence == "``" else f"`{line}`")
+    return "<br>".join(spans)
+
+
+def test_docs_errors_md_is_the_table_of_these_messages():
+    if not MESSAGES:
+        pytest.skip("no message was recorded in this session")
+    table = errors_table()
+    if os.environ.get("REPGUIDE_WRITE_ERRORS_DOC"):
+        DOC.write_text(table)
+    documented = DOC.read_text().splitlines() if DOC.exists() else []
+    stale = [row for row in table.splitlines() if row not in documented]
+    assert not stale, "messages changed: regenerate docs/errors.md (see this file's docstring)\n" + "\n".join(stale)
+    assert not re.search(r"/tmp/|pytest-of-", table)
