@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="guided vs unguided deep FCN on Fashion-MNIST (a few minutes)")
     demo.add_argument("--runs-dir", default="runs")
-    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_demo)
 
