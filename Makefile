@@ -23,8 +23,11 @@ install: $(STAMP)
 data:
 	bash scripts/install_data.sh
 
+# glibc's malloc otherwise maps and unmaps PyTorch's large temporaries on every use (machine.md).
+FAST_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
+
 demo: install data
-	$(VENV)/bin/repguide demo
+	$(FAST_MALLOC) $(VENV)/bin/repguide demo
 
 test: install data
 	$(PY) -m pytest
