@@ -10,8 +10,8 @@ For each workload ((a) Deep FCN ← ResNet-18, (b) LSTM LM ← Transformer LM):
   fresh subprocesses, of the guided step against a process that runs the guide forward and the
   plain step one after the other: what any exact guided step must hold (goal ≤ 1.2);
 * the opt-in fast modes: step time, and their error against the exact alignment loss on a batch
-  the timing did not use (relative loss error, largest per-pair similarity error, cosine between
-  the alignment gradients).
+  the timing did not use (|Δ loss|, the largest change of one pair's similarity, 1 − cosine
+  between the alignment gradients).
 
     bash benchmarks/run.sh step          # or: python benchmarks/bench_step.py [--quick]
 """
@@ -40,7 +40,7 @@ import repguide as rg  # noqa: E402
 from repguide.guidance import GuideFeatureCache  # noqa: E402
 from repguide.similarity import _use_gram_form  # noqa: E402
 
-SKETCH = {"a": 1024, "b": 1024}
+SKETCH_DIM = 1024
 
 # Fast modes: Guidance keyword arguments (the cache is added by make_guidance).
 FAST_MODES = {
@@ -52,12 +52,11 @@ FAST_MODES = {
 }
 
 
-def fast_modes(key: str) -> dict[str, dict]:
-    k = SKETCH[key]
-    out = {}
-    for name, options in FAST_MODES.items():
-        out[name.format(k=k)] = {o: (k if v == "{k}" else v) for o, v in options.items()}
-    return out
+def fast_modes(k: int = SKETCH_DIM) -> dict[str, dict]:
+    return {
+        name.format(k=k): {o: (k if v == "{k}" else v) for o, v in options.items()}
+        for name, options in FAST_MODES.items()
+    }
 
 
 def make_guidance(target, guide, x, workload, options: dict) -> rg.Guidance:
@@ -257,7 +256,7 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
     print(f"\n## ({key}) {workload.name}\n\ndata: {workload.source}\n", flush=True)
     exact = Runner(workload, "exact")
     pairs = [p.key for p in exact.guidance.pairs]
-    modes = fast_modes(key)
+    modes = fast_modes()
     runners = {
         "plain": Runner(workload, "plain"),
         "guide forward": Runner(workload, "guide forward"),
@@ -299,14 +298,14 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
     md.append(f"\nErrors on another batch, same weights; exact alignment loss there: {exact_loss:.4f} "
               f"(Σ over {len(pairs)} pairs of 1 − similarity):\n")
     md.append(table(
-        ["fast mode", "step ms", "× plain", "× exact", "|Δ loss|", "max |Δ similarity|", "1 − grad cosine"],
+        ["fast mode", "step ms", "× plain", "× exact", "Δ loss (abs)", "largest Δ similarity (abs)", "1 − grad cosine"],
         [[name, med[name] * 1e3, med[name] / med["plain"], med[name] / med["exact"],
           e["loss_error"], e["max_similarity_error"], 1 - e["grad_cosine"]] for name, e in errors.items()],
     ))
 
     if not quick:
         print("measuring peak memory (one process per variant) ...", flush=True)
-        cache_sketch = f"guide cache + sketch {SKETCH[key]}"
+        cache_sketch = f"guide cache + sketch {SKETCH_DIM}"
         # The ratio's two terms are medians of 3 processes: the glibc heap's layout makes a single
         # process's peak vary by ~10%.
         mem = {v: measure_memory(key, v, pairs, repeats=3 if v in ("plain + guide forward", "exact") else 1)

@@ -13,8 +13,8 @@ def main() -> None:
     parts = [
         "# Latest benchmark results",
         "",
-        "Written by benchmarks/report.py from benchmarks/results/*.json after `make bench` "
-        "(`bash benchmarks/run.sh`); how to read them: benchmarks/README.md.",
+        "Written by benchmarks/report.py from the latest benchmarks/results/*.json; each section "
+        "names the command that made it. How to read them: benchmarks/README.md.",
         "GPU numbers: pending (no GPU lent to this task).",
     ]
     paths = sorted((HERE / "results").glob("*.json"),
@@ -22,9 +22,12 @@ def main() -> None:
     for path in paths:
         result = json.loads(path.read_text())
         m = result["machine"]
+        settings = (f"THREADS={m['threads']} " if m["threads"] != 2 else "") + (
+            f"BENCH_CLOCK={m['clock']} " if m.get("clock", "wall") != "wall" else "")
+        command = f"{settings}bash benchmarks/run.sh {path.stem.split('-')[0].removeprefix('bench_')}"
         parts += [
             "", f"## {path.stem}", "",
-            f"{m['date']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} intra-op "
+            f"`{command}`: {m['date']}; {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} intra-op "
             f"thread(s), {m.get('clock', 'wall')} clock; malloc thresholds set: {m['malloc_env_set']}; "
             f"load average (1 min) {m['loadavg_1min']:.1f} at start, {m.get('loadavg_1min_end', float('nan')):.1f} at end.",
         ]

@@ -197,8 +197,9 @@ class Guidance(nn.Module):
             projected to ``sketch_dim`` features by a fixed, seeded CountSketch
             (:func:`repguide.similarity.sketch`), which keeps its Gram in expectation. The Gram of a
             d-wide layer then costs n²·sketch_dim instead of n²·d. The error grows with the
-            activations' effective rank over ``sketch_dim``: keep ``sketch_dim`` well above the
-            batch size for random-like features. ``sketch_seed`` picks the projections.
+            activations' effective rank over ``sketch_dim`` (measured at 1024: similarities
+            within 0.014 for a Deep FCN ← ResNet-18 at batch 256, but 0.085 for whole flattened
+            sequences at batch 64, where it buys nothing anyway). ``sketch_seed`` picks the signs.
         guide_cache: a :class:`GuideFeatureCache`; the call then takes ``guide_index=`` (the
             batch's example positions) and reads the guide's features from the cache instead of
             running the guide, once every example has been seen.
@@ -406,7 +407,9 @@ class Guidance(nn.Module):
         self._guide_float64 = any(p.dtype == torch.float64 for p in self.target.parameters())
         features = cache.lookup(index, spec) if cache is not None else None
         if features is None:
-            features = self._run_guide(args, kwargs, step, n, prepare=cache is None)
+            # Prepared inside the guide's forward unless the features must be stored first, or
+            # gathered across processes (a collective is kept out of the forward hooks).
+            features = self._run_guide(args, kwargs, step, n, prepare=cache is None and self.all_gather is None)
             if cache is not None:
                 cache.store(index, features, spec)
         return {
