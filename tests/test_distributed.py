@@ -94,7 +94,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    # A spawned gloo worker very rarely aborts at exit ("terminate called without an active
+    # exception", seen about once in 15 runs on a loaded machine) after writing its results;
+    # one retry keeps that known, unrelated crash from failing the suite.
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessExitedException:
+            if attempt == 1:
+                raise
     return {
         mode: [torch.load(out / f"{mode}_rank{r}.pt") for r in range(WORLD)] for mode in ("global", "local")
     }
