@@ -74,6 +74,20 @@ class GuidanceConfig(_Strict):
     init_steps: int = 0
     init_input: Literal["noise", "data"] = "noise"
     temperature: float = 4.0  # distillation temperature
+    # Fast modes (benchmarks/README.md gives each one's speed and error); the defaults are exact.
+    guide_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 operands for the guide's Grams
+    sketch_dim: Optional[int] = None  # CountSketch activations wider than this before the Gram
+    # Keep the guide's (reduced, sketched) features of every training example after its first
+    # visit and read them back instead of running the guide; needs guide_input=same and no
+    # random augmentation. Memory: training examples × Σ compared guide widths × 4 bytes.
+    cache: bool = False
+
+    @field_validator("sketch_dim")
+    @classmethod
+    def _positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1 (or null for no sketch)")
+        return v
 
     @field_validator("weight", "temperature")
     @classmethod

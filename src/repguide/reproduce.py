@@ -94,6 +94,8 @@ CLAIMS: tuple[Claim, ...] = (
             Row("plain_convnet_baseline", "Deep ConvNet", "70.02 ± 1.52"),
             Row("plain_convnet_resnet18", "ResNet → Deep ConvNet", "78.91 ± 2.16"),
             Row("plain_convnet_untrained_resnet18", "untrained ResNet-18 → Deep ConvNet", "no gain"),
+            Row("plain_convnet_init", "guidance-driven init → Deep ConvNet", "—"),
+            Row("plain_convnet_distill", "distillation from ResNet-18 → Deep ConvNet", "—"),
         ),
         (
             ("resnet18_fmnist", "plain_convnet_baseline"),

@@ -25,7 +25,7 @@ from repguide import data as datasets
 from repguide import models
 from repguide.capture import _first_tensor
 from repguide.config import RunConfig
-from repguide.guidance import Constant, Guidance, OffAfter, _noise_like
+from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, _noise_like
 from repguide.runs import CheckpointError, MetricsLog, RunDir, load_weights
 
 __all__ = ["NonFiniteError", "gather_batches", "train"]
@@ -279,7 +279,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
         total_steps = min(total_steps, tc.max_steps)
     per_rank = tc.batch_size // world
 
-    def batch_at(step: int) -> tuple[list[Tensor], Tensor]:
+    def batch_at(step: int) -> tuple[list[Tensor], Tensor, Tensor]:
         epoch, k = divmod(step, steps_per_epoch)
         if hasattr(train_set, "set_epoch") and getattr(train_set, "_repguide_epoch", None) != epoch:
             train_set.set_epoch(epoch)  # augmentation is a function of (seed, epoch, example)
@@ -287,10 +287,10 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(step_seed(tc.seed, epoch)))
         idx = order[k * tc.batch_size : (k + 1) * tc.batch_size][rank * per_rank : (rank + 1) * per_rank]
         *inputs, y = (fabric.to_device(t) for t in train_set.batch(idx))
-        return inputs, y
+        return inputs, y, idx
 
     guidance = None
-    example_inputs, _ = batch_at(0)
+    example_inputs, _, _ = batch_at(0)
     if gc.mode == "guide":
         if gc.init_steps and gc.off_after:
             raise ValueError("guidance.init_steps and guidance.off_after cannot both be set")
@@ -301,6 +301,8 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
             guide_input=gc.guide_input, reduction=gc.reduction, layer_types=gc.layer_types,
             example_input=tuple(t.cpu() for t in example_inputs), noise_seed=step_seed(tc.seed, 7919, rank),
             all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
+            guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim,
+            guide_cache=_guide_cache(gc, train_set),
         )
         aligned = tc.batch_size if tc.alignment == "global" else per_rank
         if aligned < guidance.measure.min_n:
@@ -355,9 +357,10 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
         for group in optimizer.param_groups:
             group["lr"] = oc.lr * _lr_factor(oc, step, steps_per_epoch, total_steps)
         torch.manual_seed(step_seed(tc.seed, step, rank))  # dropout masks depend on (seed, step, rank)
-        inputs, y = batch_at(step)
+        inputs, y, idx = batch_at(step)
         t0 = time.perf_counter()
-        row = _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, oc.grad_clip, step)
+        row = _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, oc.grad_clip, step,
+                    index=fabric.to_device(idx) if gc.cache else None)
         row["step_time"] = time.perf_counter() - t0
         step += 1
         progress.update(1)
@@ -424,8 +427,26 @@ def _better(best: dict | None, val: Evaluation) -> dict:
     return best
 
 
-def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_clip, step) -> dict:
-    """One optimiser step; returns the row of metrics to log."""
+def _guide_cache(gc, train_set) -> GuideFeatureCache | None:
+    """The guide-feature cache of ``guidance.cache=true``, after checking that it is valid."""
+    if not gc.cache:
+        return None
+    if gc.guide_input != "same" or (gc.init_steps and gc.init_input == "noise"):
+        raise ValueError(
+            "guidance.cache=true stores the guide's features of each training example, but the guide "
+            "sees noise here (guidance.guide_input=noise or guidance.init_input=noise); turn one of them off"
+        )
+    if getattr(train_set, "augment", "none") != "none":
+        raise ValueError(
+            "guidance.cache=true needs the guide to see the same input for an example every epoch, but "
+            "this data set augments its examples at random; turn the augmentation off or the cache off"
+        )
+    return GuideFeatureCache(len(train_set))
+
+
+def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_clip, step, index=None) -> dict:
+    """One optimiser step; returns the row of metrics to log. ``index``: the batch's example
+    positions in the training set, for the guide-feature cache."""
     align, sims, init_phase = None, {}, gc.mode == "guide" and step < gc.init_steps
     # A skipped step must leave no trace, not even the BatchNorm statistics of its forward pass.
     buffers = [b.detach().clone() for b in model.buffers()] if tc.nonfinite == "skip" else []
@@ -436,8 +457,9 @@ def _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, grad_cli
             generator = torch.Generator(device=inputs[0].device).manual_seed(seed)
             inputs = [_noise_like(t, generator) for t in inputs]
         with fabric.autocast():
-            out = guidance(*inputs)
-        output, align, sims = out.output, out.loss, out.similarities
+            out = guidance(*inputs) if index is None else guidance(*inputs, guide_index=index)
+        # Guidance switched off (weight 0) runs no guide: the alignment term is absent, not 0.
+        output, align, sims = out.output, (out.loss if out.weight else None), out.similarities
     else:
         with fabric.autocast():
             output = model(*inputs)
