@@ -121,3 +121,22 @@ def test_fast_mode_keys_reach_guidance(tmp_path):
     sketched, plain = rows(tmp_path / config.name), rows(tmp_path / "exact")
     # The first step's alignment is taken before any update: the sketch must have changed it.
     assert value(sketched[0], "align_loss") != pytest.approx(value(plain[0], "align_loss"), rel=1e-4)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    config = load_recipe("deep_fcn_baseline", "tiny")
+    train(config, tmp_path, quiet=True)
+    run = tmp_path / config.name
+    before = {f: (run / f).read_bytes() for f in ("summary.json", "metrics.csv", "final.pt")}
+    train(config, tmp_path, resume=True, quiet=True)
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_a_checkpoint_that_is_not_a_training_checkpoint_is_a_clear_error(tmp_path):
+    from repguide.runs import CheckpointError, atomic_save
+
+    config = load_recipe("deep_fcn_baseline", "tiny")
+    (tmp_path / config.name).mkdir()
+    atomic_save({"weights": 1}, tmp_path / config.name / "last.ckpt")
+    with pytest.raises(CheckpointError, match="not a repguide training checkpoint .*--overwrite"):
+        train(config, tmp_path, resume=True, quiet=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import math
 import os
 import time
@@ -189,6 +190,10 @@ def train(
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
     run = RunDir(runs_dir, config.name)
     resolved = config.model_dump(mode="json")
+    if resume and run.is_finished() and run.read_config() == resolved:
+        # Nothing left to train: keep the results as they are (extend a run by raising train.epochs).
+        fabric.print(f"{run.path} already finished with this config; nothing to resume")
+        return json.loads((run.path / "summary.json").read_text())
     if rank == 0:
         run.open(resume=resume, overwrite=overwrite)
         previous = run.read_config()
@@ -326,6 +331,12 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
     step, best = 0, None
     if resume and any((run.path / f).exists() for f in ("last.ckpt", "prev.ckpt")):
         state, notes = run.load_checkpoint()
+        missing = {"target", "optimizer", "step"} - set(state)
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint in {run.path} is not a repguide training checkpoint (no "
+                f"{', '.join(sorted(missing))}); start the run again with --overwrite"
+            )
         for note in notes:
             fabric.print(f"warning: {note}")
         try:
