@@ -45,7 +45,10 @@ def test_every_recipe_runs_at_the_tiny_scale_and_writes_its_results(tiny_runs):
             assert (run.path / name).exists(), f"{recipe}: no {name}"
         assert rows(run.path), f"{recipe}: no training rows in metrics.csv"
     report = (tiny_runs / "REPRODUCTION.md").read_text()
-    assert all(f"## {claim.id}" in report or claim.id in report for claim in CLAIMS)
+    assert all(f"## {claim.id}:" in report for claim in CLAIMS)
+    # The error-consistency analysis computed κ for every pair of its finished runs.
+    kappa_rows = [line for line in report.splitlines() if "` vs `" in line]
+    assert kappa_rows and all("(n=1)" in line for line in kappa_rows)
 
 
 def test_the_baseline_logs_no_alignment_and_a_guided_run_logs_every_pair(tiny_runs):

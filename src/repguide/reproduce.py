@@ -39,6 +39,10 @@ class Claim:
     checks: tuple[tuple[str, str], ...]
     higher_is_better: bool = True
     notes: str = ""
+    # Error consistency (Cohen's κ between two runs' test-set errors, Geirhos et al. 2020):
+    # (run a, run b, label) pairs to tabulate, and ((a, b), (c, d)) checks that κ(a, b) > κ(c, d).
+    consistency: tuple[tuple[str, str, str], ...] = ()
+    consistency_checks: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = ()
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -151,6 +155,37 @@ CLAIMS: tuple[Claim, ...] = (
             ("lm_rnn_untrained_transformer", "lm_rnn_baseline"),
         ),
         higher_is_better=False,
+    ),
+    Claim(
+        "E1", "Error consistency of guided FCNs (analysis)",
+        "A guided FCN inherits its guide's pattern of errors: the ResNet-guided and the ViT-guided FCN "
+        "differ in their errors the way ResNet and ViT do. (Our FCN is the wide one: at this scale it "
+        "reaches accuracies where error patterns are informative.)",
+        "no numbers published",
+        (
+            Row("resnet18_fmnist", "ResNet-18 (guide)", "—"),
+            Row("vit_fmnist", "ViT (guide)", "—"),
+            Row("wide_fcn_baseline", "Wide FCN", "—"),
+            Row("wide_fcn_resnet18", "ResNet-18 → Wide FCN", "—"),
+            Row("wide_fcn_vit", "ViT → Wide FCN", "—"),
+        ),
+        (),
+        consistency=(
+            ("resnet18_fmnist", "vit_fmnist", "ResNet-18 vs ViT (the guides)"),
+            ("wide_fcn_resnet18", "wide_fcn_vit", "ResNet-guided FCN vs ViT-guided FCN"),
+            ("wide_fcn_resnet18", "resnet18_fmnist", "ResNet-guided FCN vs its guide"),
+            ("wide_fcn_resnet18", "vit_fmnist", "ResNet-guided FCN vs ViT"),
+            ("wide_fcn_vit", "vit_fmnist", "ViT-guided FCN vs its guide"),
+            ("wide_fcn_vit", "resnet18_fmnist", "ViT-guided FCN vs ResNet-18"),
+            ("wide_fcn_baseline", "resnet18_fmnist", "unguided FCN vs ResNet-18"),
+            ("wide_fcn_baseline", "vit_fmnist", "unguided FCN vs ViT"),
+        ),
+        consistency_checks=(
+            (("wide_fcn_resnet18", "resnet18_fmnist"), ("wide_fcn_resnet18", "vit_fmnist")),
+            (("wide_fcn_vit", "vit_fmnist"), ("wide_fcn_vit", "resnet18_fmnist")),
+            (("wide_fcn_resnet18", "resnet18_fmnist"), ("wide_fcn_baseline", "resnet18_fmnist")),
+            (("wide_fcn_vit", "vit_fmnist"), ("wide_fcn_baseline", "vit_fmnist")),
+        ),
     ),
 )
 
@@ -278,6 +313,40 @@ def _fmt(stat: Stat) -> str:
     return f"{stat.mean:.2f} ± {stat.std:.2f} (n={len(stat.values)})"
 
 
+def consistency(a: str, b: str, seeds: int, runs_dir: Path) -> Stat:
+    """κ between the test-set errors of runs ``a_s<k>`` and ``b_s<k>``, one value per seed both finished."""
+    from repguide import data
+    from repguide.analysis import correct, error_consistency, load_model, ordered_batches
+
+    stat = Stat()
+    for seed in range(seeds):
+        runs = [RunDir(runs_dir, f"{recipe}_s{seed}") for recipe in (a, b)]
+        if not all(run.is_finished() for run in runs):
+            continue
+        spec = runs[0].read_config()["data"]  # both runs see the same test set (one data recipe)
+        splits = data.create(spec["name"], **spec["kwargs"])
+        dirs = [run.path for run in runs]
+        hits = [correct(load_model(d, splits), ordered_batches(splits.test, 1024)) for d in dirs]
+        stat.values.append(error_consistency(*hits).kappa)
+    return stat
+
+
+def _consistency_section(claim: Claim, seeds: int, runs_dir: Path) -> list[str]:
+    kappas: dict[tuple[str, str], Stat] = {}
+    lines = ["| pair of classifiers | runs | κ (mean ± std over seeds) |", "|---|---|---|"]
+    for a, b, label in claim.consistency:
+        kappas[a, b] = stat = consistency(a, b, seeds, runs_dir)
+        fmt = f"{stat.mean:.3f} ± {stat.std:.3f} (n={len(stat.values)})" if stat.values else "not run"
+        lines.append(f"| {label} | `{a}` vs `{b}` | {fmt} |")
+    lines += ["", "| check | verdict (κ difference) |", "|---|---|"]
+    for first, second in claim.consistency_checks:
+        lines.append(
+            f"| κ(`{first[0]}`, `{first[1]}`) > κ(`{second[0]}`, `{second[1]}`) | "
+            f"{verdict(kappas[first], kappas[second], True)} |"
+        )
+    return lines + [""]
+
+
 def write_report(claims, scale, seeds, runs_dir, report, seconds) -> Path:
     from repguide.report import plot_claim
 
@@ -312,7 +381,8 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds) -> Path:
             s = stats[row.recipe]
             gap = f"{statistics.fmean(s.gaps):.2f}" if s.gaps else "—"
             lines.append(f"| {row.label} | `{row.recipe}` | {row.paper} | {_fmt(s)} | {gap} |")
-        lines += ["", "| check (paper's direction) | verdict |", "|---|---|"]
+        if claim.checks:
+            lines += ["", "| check (paper's direction) | verdict |", "|---|---|"]
         for better, worse in claim.checks:
             op = ">" if claim.higher_is_better else "<"
             lines.append(
@@ -320,6 +390,8 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds) -> Path:
             )
         png = plot_claim(claim, stats, figures / f"{claim.id}.png")
         lines += ["", f"![{claim.id}]({png.relative_to(report.parent).as_posix()})", ""]
+        if claim.consistency:
+            lines += _consistency_section(claim, seeds, runs_dir)
         if claim.notes:
             lines += [claim.notes, ""]
     exploration = report.parent / "docs" / "exploration.md"
