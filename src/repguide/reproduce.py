@@ -116,11 +116,13 @@ CLAIMS: tuple[Claim, ...] = (
             Row("copy_rnn_baseline", "RNN", "14.35 ± 0.01"),
             Row("copy_rnn_transformer", "Transformer → RNN", "23.27 ± 1.02"),
             Row("copy_rnn_untrained_transformer", "untrained Transformer → RNN", "42.56 ± 1.51"),
+            Row("copy_rnn_untrained_transformer_tokens", "untrained Transformer → RNN, per-position CKA", "—"),
         ),
         (
             ("copy_transformer_baseline", "copy_rnn_baseline"),
             ("copy_rnn_untrained_transformer", "copy_rnn_baseline"),
             ("copy_rnn_transformer", "copy_rnn_baseline"),
+            ("copy_rnn_untrained_transformer_tokens", "copy_rnn_baseline"),
         ),
     ),
     Claim(
