@@ -8,9 +8,9 @@
 from repguide import data, models, similarity
 from repguide.analysis import SimilarityMatrix, compare, error_consistency
 from repguide.capture import discover, layers
-from repguide.guidance import Constant, Guidance, GuidanceOutput, OffAfter, WeightSchedule
+from repguide.guidance import Constant, Guidance, GuidanceOutput, GuideFeatureCache, OffAfter, WeightSchedule
 from repguide.pairing import Pair, stretch
-from repguide.similarity import cka, get_measure, list_measures, register_measure
+from repguide.similarity import cka, get_measure, list_measures, register_measure, sketch
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "Constant",
     "Guidance",
     "GuidanceOutput",
+    "GuideFeatureCache",
     "OffAfter",
     "Pair",
     "SimilarityMatrix",
@@ -33,5 +34,6 @@ __all__ = [
     "models",
     "register_measure",
     "similarity",
+    "sketch",
     "stretch",
 ]
