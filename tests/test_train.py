@@ -143,3 +143,17 @@ def test_a_checkpoint_that_is_not_a_training_checkpoint_is_a_clear_error(tmp_pat
     atomic_save({"weights": 1}, tmp_path / config.name / "last.ckpt")
     with pytest.raises(CheckpointError, match="not a repguide training checkpoint .*--overwrite"):
         train(config, tmp_path, resume=True, quiet=True)
+
+
+def test_reproduce_skips_finished_runs_and_retrains_those_whose_recipe_changed(tmp_path, capsys):
+    args = dict(scale="tiny", seeds=1, runs_dir=tmp_path, report=None, only=["C1"], recipes=["deep_fcn_baseline"])
+    reproduce(**args)
+    metrics = tmp_path / "deep_fcn_baseline_s0" / "metrics.csv"
+    first = metrics.read_bytes(), metrics.stat().st_mtime_ns
+    capsys.readouterr()
+    reproduce(**args)  # nothing to do
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == first
+    assert "training" not in capsys.readouterr().out
+    reproduce(**args, overrides={"optim.lr": 0.01})
+    assert "deep_fcn_baseline_s0: the recipe changed (optim.lr); training again" in capsys.readouterr().out
+    assert RunDir(tmp_path, "deep_fcn_baseline_s0").read_config()["optim"]["lr"] == 0.01

@@ -192,6 +192,25 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def _changed_keys(run: RunDir, config) -> list[str]:
+    """Keys whose values differ between the config ``run`` was trained with and ``config``
+    (the run's schedule length included; empty when the run has no config yet)."""
+    from repguide.config import RunConfig
+    from repguide.train import _diff_keys
+
+    previous = run.read_config()
+    if previous is None:
+        return []
+    try:  # fills in keys added to the schema since the run was made with their defaults
+        previous = RunConfig.model_validate(previous).model_dump(mode="json")
+    except ValueError:
+        return ["(unreadable config)"]
+    skip = {"description", "claim"}
+    old = {k: v for k, v in previous.items() if k not in skip}
+    new = {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
+    return _diff_keys(old, new)
+
+
 def _claims(only: list[str] | None) -> list[Claim]:
     chosen = [c for c in CLAIMS if only is None or c.id in only]
     if only is not None and len(chosen) != len(set(only)):
@@ -238,13 +257,16 @@ def reproduce(
         for recipe in plan(claims, scale, recipes):
             name = f"{recipe}_s{seed}"
             run = RunDir(runs_dir, name)
-            if run.is_finished():
-                continue
             extra = {"name": name, "train.seed": seed, **(overrides or {})}
             config = load_recipe(recipe, scale, extra)
             if config.guidance.guide_run:
                 config = load_recipe(recipe, scale, {**extra, "guidance.guide_run": f"{config.guidance.guide_run}_s{seed}"})
-            resume = (run.path / "last.ckpt").exists()
+            changed = _changed_keys(run, config)
+            if changed:  # the recipe changed since this run: its results no longer belong to it
+                print(f"[reproduce] {name}: the recipe changed ({', '.join(changed)}); training again", flush=True)
+            elif run.is_finished():
+                continue
+            resume = not changed and (run.path / "last.ckpt").exists()
             print(f"[reproduce] {name}: {'resuming' if resume else 'training'}", flush=True)
             try:
                 train(config, runs_dir, resume=resume, overwrite=not resume, quiet=quiet)
