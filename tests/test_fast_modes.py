@@ -9,31 +9,12 @@ import repguide as rg
 from repguide.guidance import GuideFeatureCache
 from repguide.similarity import Prepared, _gram, get_measure, sketch
 
-
-class CountForwards(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.calls = 0
-
-    def forward(self, *args):
-        self.calls += 1
-        return self.model(*args)
-
-
-def mlp():
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3),
-    )
+from _nets import CountForwards, mlp
+from _nets import cnn as _cnn
 
 
 def cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )
+    return _cnn(8)
 
 
 PAIRS = [("1", "0"), ("4", "3")]  # target widths 32; guide widths 8·8·8 = 512

@@ -5,33 +5,11 @@ from torch import nn
 
 import repguide as rg
 
-
-class CountForwards(nn.Module):
-    """Wraps a model and counts how many times its forward runs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.calls = 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
-
-
-def mlp():
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3),
-    )
+from _nets import CountForwards, cnn, mlp
 
 
 def small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    )
+    return cnn(4)
 
 
 class LSTMClassifier(nn.Module):
