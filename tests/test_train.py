@@ -157,3 +157,13 @@ def test_reproduce_skips_finished_runs_and_retrains_those_whose_recipe_changed(t
     reproduce(**args, overrides={"optim.lr": 0.01})
     assert "deep_fcn_baseline_s0: the recipe changed (optim.lr); training again" in capsys.readouterr().out
     assert RunDir(tmp_path, "deep_fcn_baseline_s0").read_config()["optim"]["lr"] == 0.01
+
+
+def test_reproduce_retrains_a_run_whose_trained_guide_was_trained_again(tmp_path, capsys):
+    args = dict(scale="tiny", seeds=1, runs_dir=tmp_path, report=None, only=["C1"], recipes=["deep_fcn_resnet18"])
+    reproduce(**args)
+    reproduce(**{**args, "recipes": ["resnet18_fmnist"]}, overrides={"optim.lr": 0.01})  # a new guide
+    capsys.readouterr()
+    reproduce(**args)
+    out = capsys.readouterr().out
+    assert "deep_fcn_resnet18_s0: the recipe changed (its guide resnet18_fmnist_s0 was trained again)" in out

@@ -192,6 +192,11 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def _newer(a: Path, b: Path) -> bool:
+    """Whether both files exist and ``a`` was written after ``b``."""
+    return a.exists() and b.exists() and a.stat().st_mtime_ns > b.stat().st_mtime_ns
+
+
 def _changed_keys(run: RunDir, config) -> list[str]:
     """Keys whose values differ between the config ``run`` was trained with and ``config``
     (the run's schedule length included; empty when the run has no config yet)."""
@@ -262,6 +267,9 @@ def reproduce(
             if config.guidance.guide_run:
                 config = load_recipe(recipe, scale, {**extra, "guidance.guide_run": f"{config.guidance.guide_run}_s{seed}"})
             changed = _changed_keys(run, config)
+            guide = RunDir(runs_dir, config.guidance.guide_run) if config.guidance.guide_run else None
+            if guide is not None and _newer(guide.path / "final.pt", run.path / "summary.json"):
+                changed.append(f"its guide {guide.name} was trained again")
             if changed:  # the recipe changed since this run: its results no longer belong to it
                 print(f"[reproduce] {name}: the recipe changed ({', '.join(changed)}); training again", flush=True)
             elif run.is_finished():
@@ -337,8 +345,9 @@ def _fmt(stat: Stat) -> str:
     return f"{stat.mean:.2f} ± {stat.std:.2f} (n={len(stat.values)})"
 
 
-def consistency(a: str, b: str, seeds: int, runs_dir: Path) -> Stat:
-    """κ between the test-set errors of runs ``a_s<k>`` and ``b_s<k>``, one value per seed both finished."""
+def consistency(a: str, b: str, seeds: int, runs_dir: Path, hits: dict | None = None) -> Stat:
+    """κ between the test-set errors of runs ``a_s<k>`` and ``b_s<k>``, one value per seed both
+    finished. ``hits``: a dict that keeps each run's per-example correctness for the next call."""
     from repguide import data
     from repguide.analysis import correct, error_consistency, load_model, ordered_batches
 
@@ -349,17 +358,20 @@ def consistency(a: str, b: str, seeds: int, runs_dir: Path) -> Stat:
             continue
         spec = runs[0].read_config()["data"]  # both runs see the same test set (one data recipe)
         splits = data.create(spec["name"], **spec["kwargs"])
-        dirs = [run.path for run in runs]
-        hits = [correct(load_model(d, splits), ordered_batches(splits.test, 1024)) for d in dirs]
-        stat.values.append(error_consistency(*hits).kappa)
+        hits = {} if hits is None else hits
+        for run in runs:
+            if run.path not in hits:
+                hits[run.path] = correct(load_model(run.path, splits), ordered_batches(splits.test, 1024))
+        stat.values.append(error_consistency(hits[runs[0].path], hits[runs[1].path]).kappa)
     return stat
 
 
 def _consistency_section(claim: Claim, seeds: int, runs_dir: Path) -> list[str]:
     kappas: dict[tuple[str, str], Stat] = {}
+    hits: dict = {}
     lines = ["| pair of classifiers | runs | κ (mean ± std over seeds) |", "|---|---|---|"]
     for a, b, label in claim.consistency:
-        kappas[a, b] = stat = consistency(a, b, seeds, runs_dir)
+        kappas[a, b] = stat = consistency(a, b, seeds, runs_dir, hits)
         fmt = f"{stat.mean:.3f} ± {stat.std:.3f} (n={len(stat.values)})" if stat.values else "not run"
         lines.append(f"| {label} | `{a}` vs `{b}` | {fmt} |")
     lines += ["", "| check | verdict (κ difference) |", "|---|---|"]
