@@ -167,3 +167,13 @@ def test_reproduce_retrains_a_run_whose_trained_guide_was_trained_again(tmp_path
     reproduce(**args)
     out = capsys.readouterr().out
     assert "deep_fcn_resnet18_s0: the recipe changed (its guide resnet18_fmnist_s0 was trained again)" in out
+
+
+def test_a_language_model_reports_perplexity_on_every_split(tiny_runs):
+    import json
+
+    summary = json.loads((tiny_runs / "lm_rnn_baseline_s0" / "summary.json").read_text())
+    assert summary["metric"] == "ppl_char"
+    for split in ("train", "val", "test"):  # a perplexity, never an accuracy in [0, 1]
+        assert summary[f"{split}_metric"] > 1.5, split
+        assert summary[f"{split}_metric"] == pytest.approx(math.exp(summary[f"{split}_loss"]), rel=0.05)

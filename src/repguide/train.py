@@ -140,8 +140,9 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, unit: str = "to
         total_targets += int(keep.sum())
     model.train(was_training)
     mean_nll = total_nll / max(total_targets, 1)
-    if isinstance(dataset, datasets.TokenChunks):
-        return Evaluation(mean_nll, datasets.perplexity(mean_nll, dataset, unit), f"ppl_{unit}")
+    chunks = dataset.dataset if isinstance(dataset, _Head) else dataset
+    if isinstance(chunks, datasets.TokenChunks):
+        return Evaluation(mean_nll, datasets.perplexity(mean_nll, chunks, unit), f"ppl_{unit}")
     return Evaluation(mean_nll, total_correct / max(total_targets, 1), "accuracy")
 
 
