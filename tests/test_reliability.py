@@ -219,6 +219,8 @@ def test_a_run_killed_at_random_points_resumes_to_bitwise_identical_weights_and_
 @needs_fmnist
 def test_truncated_last_checkpoint_warns_naming_it_and_resumes_from_prev_to_the_same_result(runner, reference, tmp_path):
     folder = copy_run(reference, tmp_path)
+    for name in ("summary.json", "final.pt"):  # as if killed after the last checkpoint
+        (folder / name).unlink()
     last = folder / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     assert torch.load(folder / "prev.ckpt", weights_only=True)["step"] == 10

@@ -193,7 +193,17 @@ def train(
     resolved = config.model_dump(mode="json")
     if resume and run.is_finished() and run.read_config() == resolved:
         # Nothing left to train: keep the results as they are (extend a run by raising train.epochs).
+        if rank == 0:
+            run.open(resume=True, overwrite=False)  # takes over the lock of a run killed at its very end
+            try:
+                if not (run.path / "curves.png").exists():  # killed while plotting
+                    from repguide.report import plot_run
+
+                    plot_run(run.path)
+            finally:
+                run.close()
         fabric.print(f"{run.path} already finished with this config; nothing to resume")
+        fabric.barrier()
         return json.loads((run.path / "summary.json").read_text())
     if rank == 0:
         run.open(resume=resume, overwrite=overwrite)
