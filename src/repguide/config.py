@@ -257,3 +257,15 @@ def _key_hint(where: str) -> str:
     fields = list(getattr(model, "model_fields", {}))
     close = difflib.get_close_matches(parts[-1], fields, n=1)
     return f" (did you mean {'.'.join(parts[:-1] + close)!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+
+
+def upgrade(stored: dict | None) -> dict | None:
+    """A run's stored config with the keys added to the schema since it was written filled in with
+    their defaults, so it compares equal to today's dump of the same config; None when there is no
+    config or it no longer validates."""
+    if stored is None:
+        return None
+    try:
+        return RunConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        return None

@@ -205,15 +205,14 @@ def _newer(a: Path, b: Path) -> bool:
 def _changed_keys(run: RunDir, config) -> list[str]:
     """Keys whose values differ between the config ``run`` was trained with and ``config``
     (the run's schedule length included; empty when the run has no config yet)."""
-    from repguide.config import RunConfig
+    from repguide.config import upgrade
     from repguide.train import _diff_keys
 
-    previous = run.read_config()
-    if previous is None:
+    stored = run.read_config()
+    if stored is None:
         return []
-    try:  # fills in keys added to the schema since the run was made with their defaults
-        previous = RunConfig.model_validate(previous).model_dump(mode="json")
-    except ValueError:
+    previous = upgrade(stored)
+    if previous is None:
         return ["(unreadable config)"]
     skip = {"description", "claim"}
     old = {k: v for k, v in previous.items() if k not in skip}

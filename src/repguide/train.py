@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from repguide import data as datasets
 from repguide import models
 from repguide.capture import _first_tensor
-from repguide.config import RunConfig
+from repguide.config import RunConfig, upgrade
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, _noise_like
 from repguide.runs import CheckpointError, MetricsLog, RunDir, load_weights
 
@@ -191,7 +191,7 @@ def train(
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
     run = RunDir(runs_dir, config.name)
     resolved = config.model_dump(mode="json")
-    if resume and run.is_finished() and run.read_config() == resolved:
+    if resume and run.is_finished() and upgrade(run.read_config()) == resolved:
         # Nothing left to train: keep the results as they are (extend a run by raising train.epochs).
         if rank == 0:
             run.open(resume=True, overwrite=False)  # takes over the lock of a run killed at its very end
