@@ -12,7 +12,9 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,20 +35,58 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLOCK_NAME = os.environ.get("BENCH_CLOCK", "wall")
 CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}[CLOCK_NAME]
 
+#: ``BENCH_DEVICE=cuda`` runs bench_step and bench_kernels on the current CUDA device: models,
+#: batches and test matrices are moved there, every timed call is followed by
+#: ``torch.cuda.synchronize()`` before the (wall) clock is read, peak memory is
+#: ``torch.cuda.max_memory_allocated()``, and results go to their own files (``save``).
+DEVICE_NAME = os.environ.get("BENCH_DEVICE", "cpu")
+if DEVICE_NAME not in ("cpu", "cuda"):
+    raise SystemExit(f"BENCH_DEVICE must be 'cpu' (the default) or 'cuda'; got {DEVICE_NAME!r}")
+CUDA = DEVICE_NAME == "cuda"
+if CUDA:
+    if CLOCK_NAME != "wall":
+        raise SystemExit(f"BENCH_CLOCK={CLOCK_NAME} counts host CPU time, which says nothing about GPU "
+                         "work; use BENCH_CLOCK=wall (the default) with BENCH_DEVICE=cuda")
+    if not torch.cuda.is_available():
+        raise SystemExit("BENCH_DEVICE=cuda but torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+DEVICE = torch.device(DEVICE_NAME)
+
+
+def sync() -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def require_cpu(name: str) -> None:
+    """Stop a benchmark that has no CUDA path with a message that says so."""
+    if CUDA:
+        raise SystemExit(f"{name} runs on the CPU only; BENCH_DEVICE=cuda is supported by "
+                         "bench_step and bench_kernels (bash benchmarks/gpu.sh)")
+
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
                 clock: Callable[[], float] = CLOCK) -> dict[str, dict]:
-    """``name → {"median", "q1", "q3", "min"}`` in seconds over ``repeats`` rounds."""
+    """``name → {"median", "q1", "q3", "min"}`` in seconds over ``repeats`` rounds.
+
+    On CUDA every call is followed by ``torch.cuda.synchronize()`` inside its timed interval, so
+    a time covers the GPU work the call queued, and no call's work spills into the next one's.
+    """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+    if CUDA:
+        torch.cuda.synchronize()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             t0 = clock()
             fns[name]()
+            if CUDA:
+                torch.cuda.synchronize()
             times[name].append(clock() - t0)
     return {name: summary(ts) for name, ts in times.items()}
 
@@ -69,7 +109,31 @@ def machine() -> dict:
         "malloc_env_set": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) and bool(os.environ.get("MALLOC_TRIM_THRESHOLD_")),
         "loadavg_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        **(_cuda_facts() if CUDA else {}),
     }
+
+
+def _cuda_facts() -> dict:
+    props = torch.cuda.get_device_properties(DEVICE)
+    return {
+        "device": "cuda",
+        "gpu": torch.cuda.get_device_name(DEVICE),
+        "gpu_memory_gib": props.total_memory / 2**30,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        # What PyTorch may use for fp32 products: TF32 is off for matmul by default ("highest")
+        # and on for cuDNN convolutions.
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "argv": " ".join(sys.argv),
+    }
+
+
+def gpu_slug() -> str:
+    """The CUDA device's name as a file-name part: "NVIDIA H200" → "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(DEVICE).lower()).strip("-")
 
 
 def _read(path: str) -> str:
@@ -88,10 +152,14 @@ def check_environment() -> None:
 
 
 def save(name: str, payload: dict) -> Path:
-    """results/<name>.json; runs with another thread count or clock get their own file."""
+    """results/<name>.json; runs with another thread count or clock get their own file, and CUDA
+    runs results/<name>-cuda-<card>.json (e.g. bench_step-cuda-nvidia-h200.json)."""
     RESULTS.mkdir(exist_ok=True)
     threads = torch.get_num_threads()
-    suffix = "" if (threads, CLOCK_NAME) == (2, "wall") else f"-{threads}thread-{CLOCK_NAME}"
+    if CUDA:
+        suffix = f"-cuda-{gpu_slug()}"
+    else:
+        suffix = "" if (threads, CLOCK_NAME) == (2, "wall") else f"-{threads}thread-{CLOCK_NAME}"
     path = RESULTS / f"{name}{suffix}.json"
     path.write_text(json.dumps(payload, indent=1, default=float))
     return path
@@ -140,6 +208,8 @@ class Workload:
         n = len(self.dataset)
         index = (torch.arange(self.batch_size) + k * self.batch_size) % n
         x, y = self.dataset.batch(index)[:2]
+        if CUDA:  # as a training loop moves a whole batch, the example positions included
+            x, y, index = x.to(DEVICE), y.to(DEVICE), index.to(DEVICE)
         return x, y, index
 
 
@@ -205,5 +275,7 @@ WORKLOADS = {"a": fcn_resnet, "b": lstm_transformer}
 
 
 def seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """``make()`` after seeding, on the benchmark's device (the same weights on every device)."""
     torch.manual_seed(seed)
-    return make()
+    model = make()
+    return model.to(DEVICE) if CUDA else model

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import WORKLOADS, check_environment, interleaved, machine, save, table  # noqa: E402
+from _common import WORKLOADS, check_environment, interleaved, machine, require_cpu, save, table  # noqa: E402
 from bench_step import Runner  # noqa: E402
 
 from repguide.similarity import Prepared, _norm, _safe_div  # noqa: E402
@@ -34,6 +34,7 @@ def _cka_against_gram(t: torch.Tensor, gram: torch.Tensor, norm: torch.Tensor) -
 
 
 def main() -> None:
+    require_cpu("bench_compile")
     check_environment()
     result = {"machine": machine()}
     print("# bench_compile\n", result["machine"], flush=True)

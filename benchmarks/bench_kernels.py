@@ -14,6 +14,11 @@ every cell where both can run. Cells are skipped where one call would take more 
 a d×d matrix would not fit; the table says why.
 
     bash benchmarks/run.sh kernels [--quick]
+    BENCH_DEVICE=cuda python benchmarks/bench_kernels.py --budget-s 30   # on a CUDA device
+
+On CUDA the skip and repeat estimates use a GPU's multiply-add rate, the 2 GiB input limit is
+lifted, and ``--budget-s`` runs the cells from the cheapest up and skips those left when the time
+is spent (the table keeps the grid's order); results are saved after every cell.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_environment, interleaved, machine, save, table  # noqa: E402
+from _common import CUDA, DEVICE, check_environment, interleaved, machine, save, table  # noqa: E402
 
 import repguide.similarity as sim  # noqa: E402
 
@@ -41,6 +47,15 @@ ROUND_BUDGET_S = 6.0
 MAC_PER_S = 6e10  # rough multiply-adds per second of a large fp32 GEMM on this machine (2 cores)
 LIMIT_S = 6.0  # skip a (measure, form) whose one forward+backward is estimated to take longer
 MEMORY_LIMIT = 3 * 2**30  # bytes for one d×d matrix
+SVD_MAC_PER_S = MAC_PER_S  # the rate procrustes' QR/SVD term (30·k³) is estimated at
+if CUDA:
+    # An H100/H200 does ~3e13 fp32 multiply-adds per second in a large GEMM (TF32 off, PyTorch's
+    # default for matmul); its QR and SVD (cuSOLVER) are far slower than that, so they are
+    # estimated at a much lower rate, which skips procrustes where min(n, d) = 4096.
+    MAC_PER_S = 2e13
+    SVD_MAC_PER_S = 1e11
+    BIG_S = LIMIT_S = 1.0
+    ROUND_BUDGET_S = 0.5
 
 
 @contextlib.contextmanager
@@ -57,13 +72,13 @@ def forced(form: str | None):
 
 def products(form: str, n: int, d: int) -> tuple[list, list]:
     """(forward, backward) product callables of linear CKA in ``form`` for x, y: (n, d)."""
-    x, y = torch.randn(n, d), torch.randn(n, d)
+    x, y = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
     if form == "gram":
-        g = torch.randn(n, n)
+        g = torch.randn(n, n, device=DEVICE)
         return [lambda: x @ x.T, lambda: y @ y.T], [lambda: g @ x]
-    c = torch.randn(d, d)
+    c = torch.randn(d, d, device=DEVICE)
     if n <= d:  # self-products as n×n Grams
-        g = torch.randn(n, n)
+        g = torch.randn(n, n, device=DEVICE)
         fwd = [lambda: x.T @ y, lambda: x @ x.T, lambda: y @ y.T]
         bwd = [lambda: y @ c.T, lambda: g @ x]
     else:
@@ -86,7 +101,8 @@ def estimate_seconds(measure: str, form: str | None, n: int, d: int) -> float:
         fwd, bwd = macs(form or ("gram" if sim._use_gram_form(n, d, d) else "feature"), n, d)
     elif measure == "procrustes":
         k = min(n, d)
-        fwd, bwd = 2 * n * n * d + 30 * k**3, 2 * n * n * d + 30 * k**3
+        svd = 30 * k**3 * (MAC_PER_S / SVD_MAC_PER_S)  # in GEMM multiply-adds (factor 1 on the CPU)
+        fwd, bwd = 2 * n * n * d + svd, 2 * n * n * d + svd
     else:
         fwd, bwd = 2 * n * n * d, n * n * d
     return (fwd + bwd) / MAC_PER_S
@@ -103,8 +119,8 @@ def skip_reason(measure: str, form: str | None, n: int, d: int) -> str | None:
 
 def time_cell(n: int, d: int, quick: bool) -> list[dict]:
     torch.manual_seed(0)
-    x = torch.randn(n, d, requires_grad=True)
-    y = torch.randn(n, d)
+    x = torch.randn(n, d, device=DEVICE, requires_grad=True)
+    y = torch.randn(n, d, device=DEVICE)
     rows, fns, round_s = [], {}, 0.0
     auto = "gram" if sim._use_gram_form(n, d, d) else "feature"
     big = sum(macs(auto, n, d)) / MAC_PER_S > BIG_S
@@ -156,19 +172,34 @@ def time_cell(n: int, d: int, quick: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n ≤ 1024, d ≤ 4096, fewer repeats")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="run the cells from the cheapest up and skip those left after this many seconds")
     args = parser.parse_args()
     check_environment()
     result = {"machine": machine(), "cells": []}
     print("# bench_kernels\n", result["machine"], flush=True)
-    for n, d in [(n, d) for n in NS for d in DS] + list(EXTRA):
-        if args.quick and (n > 1024 or d > 4096):
+    grid = [(n, d) for n in NS for d in DS] + list(EXTRA)
+    if args.quick:
+        grid = [(n, d) for n, d in grid if not (n > 1024 or d > 4096)]
+    order = grid if args.budget_s is None else sorted(grid, key=lambda nd: nd[0] * nd[0] * nd[1])
+    start = time.perf_counter()
+    done: dict[tuple[int, int], list[dict]] = {}
+    for n, d in order:
+        if not CUDA and n * d * 4 * 2 >= 2**31:  # x and y alone would take 2 GiB
+            done[n, d] = [{"measure": "all", "n": n, "d": d, "form": "",
+                           "skipped": f"inputs are {n * d * 8 / 2**30:.0f} GiB, one Gram ~{n * n * d / MAC_PER_S:.0f} s"}]
             continue
-        if n * d * 4 * 2 >= 2**31:  # x and y alone would take 2 GiB
-            result["cells"].append({"measure": "all", "n": n, "d": d, "form": "",
-                                    "skipped": f"inputs are {n * d * 8 / 2**30:.0f} GiB, one Gram ~{n * n * d / MAC_PER_S:.0f} s"})
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            done[n, d] = [{"measure": "all", "n": n, "d": d, "form": "",
+                           "skipped": f"time budget (--budget-s {args.budget_s:g}) spent"}]
             continue
-        result["cells"].extend(time_cell(n, d, args.quick))
+        done[n, d] = time_cell(n, d, args.quick)
         print(f"n={n} d={d}: done", flush=True)
+        if CUDA:  # a run cut short by a time limit keeps the cells it finished
+            result["cells"] = [c for nd in grid if nd in done for c in done[nd]]
+            result["markdown"] = render(result["cells"])
+            save("bench_kernels", result)
+    result["cells"] = [c for nd in grid for c in done[nd]]
     result["markdown"] = render(result["cells"])
     result["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
     print(result["markdown"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_environment, interleaved, machine, save, slope, table  # noqa: E402
+from _common import check_environment, interleaved, machine, require_cpu, save, slope, table  # noqa: E402
 
 import repguide as rg  # noqa: E402
 from repguide import models  # noqa: E402
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
+    require_cpu("bench_scaling")
     check_environment()
     repeats = 3 if args.quick else 7
     result = {"machine": machine(), "sweeps": {}}

@@ -8,12 +8,16 @@ For each workload ((a) Deep FCN ← ResNet-18, (b) LSTM LM ← Transformer LM):
 * R1 = exact guided step / floor (goal ≤ 1.05); R2 = exact / official-style step (goal ≤ 0.40);
 * peak memory: the rise of the process's peak RSS (VmHWM) over two steps after a warm-up step, in
   fresh subprocesses, of the guided step against a process that runs the guide forward and the
-  plain step one after the other: what any exact guided step must hold (goal ≤ 1.2);
+  plain step one after the other: what any exact guided step must hold (goal ≤ 1.2); on CUDA
+  (``BENCH_DEVICE=cuda``) the rise of ``torch.cuda.max_memory_allocated()`` over two steps after a
+  warm-up step, in this process (the caching allocator counts each tensor exactly, so no fresh
+  process or repeat is needed), also with ``--quick``;
 * the opt-in fast modes: step time, and their error against the exact alignment loss on a batch
   the timing did not use (|Δ loss|, the largest change of one pair's similarity, 1 − cosine
   between the alignment gradients).
 
     bash benchmarks/run.sh step          # or: python benchmarks/bench_step.py [--quick]
+    BENCH_DEVICE=cuda bash benchmarks/gpu.sh   # on a CUDA machine (with bench_kernels)
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import official_style  # noqa: E402
-from _common import WORKLOADS, check_environment, interleaved, machine, save, seeded, table  # noqa: E402
+from _common import (  # noqa: E402
+    CUDA, DEVICE, WORKLOADS, check_environment, interleaved, machine, save, seeded, sync, table,
+)
 
 import repguide as rg  # noqa: E402
 from repguide.guidance import GuideFeatureCache  # noqa: E402
@@ -161,14 +167,14 @@ def floor_products(guidance: rg.Guidance, x: torch.Tensor) -> list[tuple[str, st
 
 def _product(op: str, dims: tuple):
     if op == "a@a.T":
-        a = torch.randn(*dims)
+        a = torch.randn(*dims, device=DEVICE)
         return lambda: a @ a.T
     if op == "a.T@b":
         n, p, q = dims
-        a, b = torch.randn(n, p), torch.randn(n, q)
+        a, b = torch.randn(n, p, device=DEVICE), torch.randn(n, q, device=DEVICE)
         return lambda: a.T @ b
     m, k, p = dims
-    a, b = torch.randn(m, k), torch.randn(k, p)
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, p, device=DEVICE)
     return lambda: a @ b
 
 
@@ -248,6 +254,23 @@ def measure_memory(key: str, variant: str, pairs, options=None, repeats: int = 1
     return statistics.median(rises)
 
 
+def measure_cuda_memory(runner: Runner) -> float:
+    """Rise of ``torch.cuda.max_memory_allocated()`` over two steps after a warm-up step (MiB).
+
+    In this process: what other runners hold (weights, optimiser states, caches) is in the
+    baseline, and the allocator counts each tensor exactly, so the rise is the step's own.
+    """
+    runner()  # warm-up: optimiser state and one-time buffers are not the step's peak
+    gc.collect()
+    sync()
+    base = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    for _ in range(2):
+        runner()
+    sync()
+    return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -303,23 +326,30 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
           e["loss_error"], e["max_similarity_error"], 1 - e["grad_cosine"]] for name, e in errors.items()],
     ))
 
-    if not quick:
+    cache_sketch = f"guide cache + sketch {SKETCH_DIM}"
+    if CUDA:
+        print("measuring peak CUDA memory (in this process) ...", flush=True)
+        memory_runners = {v: runners[v] for v in ("plain", "guide forward")}
+        memory_runners["plain + guide forward"] = Runner(workload, "plain + guide forward")
+        memory_runners.update({v: runners[v] for v in ("exact", "official", cache_sketch)})
+        mem = {v: measure_cuda_memory(r) for v, r in memory_runners.items()}
+        memory_columns = ["variant", "peak CUDA memory rise MiB (max_memory_allocated)",
+                          "× (plain step + guide forward)"]
+    elif not quick:
         print("measuring peak memory (one process per variant) ...", flush=True)
-        cache_sketch = f"guide cache + sketch {SKETCH_DIM}"
         # The ratio's two terms are medians of 3 processes: the glibc heap's layout makes a single
         # process's peak vary by ~10%.
         mem = {v: measure_memory(key, v, pairs, repeats=3 if v in ("plain + guide forward", "exact") else 1)
                for v in ("plain", "guide forward", "plain + guide forward", "exact", "official")}
         mem[cache_sketch] = measure_memory(key, "fast", pairs, modes[cache_sketch])
+        memory_columns = ["process runs", "peak RSS rise MiB", "× (plain step + guide forward)"]
+    if CUDA or not quick:
         base = mem["plain + guide forward"]
         result["memory_mib"] = mem
         result["memory_ratio"] = mem["exact"] / base
-        md.append("\n" + table(
-            ["process runs", "peak RSS rise MiB", "× (plain step + guide forward)"],
-            [[v, m, m / base] for v, m in mem.items()],
-        ))
+        md.append("\n" + table(memory_columns, [[v, m, m / base] for v, m in mem.items()]))
         md.append(f"\nmemory ratio = exact / (plain step + guide forward) = **{result['memory_ratio']:.3f}** "
-                  f"(goal ≤ 1.2); against the sum of the two processes' rises: "
+                  f"(goal ≤ 1.2); against the sum of the two {'variants' if CUDA else 'processes'}' rises: "
                   f"{mem['exact'] / (mem['plain'] + mem['guide forward']):.3f}")
     result["markdown"] = "\n".join(md)
     print(result["markdown"], flush=True)
@@ -328,7 +358,8 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory subprocesses")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, no memory subprocesses (on CUDA memory is still measured, in-process)")
     parser.add_argument("--workloads", default="ab")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,6 +372,8 @@ def main() -> None:
     print("# bench_step\n", results["machine"])
     for key in args.workloads:
         results["workloads"][key] = run_workload(key, repeats, args.quick)
+        if CUDA:  # a run cut short by a time limit keeps the workloads it finished
+            save("bench_step", results)
     results["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
     print("saved", save("bench_step", results))
 
