@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -319,7 +320,10 @@ def _candidate_modules(model: nn.Module, types: str | tuple[type, ...]) -> list[
 def _no_side_effects(model: nn.Module) -> Iterator[None]:
     """Run a probing forward without touching buffers (BatchNorm statistics) or the global RNG."""
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    # The CUDA generators of the devices the model lives on too: dropout there draws from them.
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
         yield
     with torch.no_grad():
         for name, buf in model.named_buffers():
