@@ -5,6 +5,7 @@ does what it says in the metrics it logs."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def test_guidance_driven_initialisation_aligns_only_then_trains_plainly(tiny_run
         else:  # guidance is off: no alignment term at all
             assert value(r, "align_loss") is None
             assert value(r, "loss") == pytest.approx(value(r, "task_loss"), rel=1e-6)
+    # The init phase comes before the schedule: as many task steps as the baseline, evaluated as often.
+    base = tiny_runs / "deep_fcn_baseline_s0"
+    assert len(logged) - n == len(rows(base))
+    assert len(rows(tiny_runs / "deep_fcn_init_s0", "val")) == len(rows(base, "val"))
+    summary = json.loads((tiny_runs / "deep_fcn_init_s0" / "summary.json").read_text())
+    assert summary["steps"] == json.loads((base / "summary.json").read_text())["steps"] + n
+    assert summary["init_steps"] == n
 
 
 def test_distillation_adds_a_term_to_the_task_loss(tiny_runs):

@@ -70,7 +70,8 @@ class GuidanceConfig(_Strict):
     layer_types: Literal["default", "all"] = "default"
     off_after: Optional[int] = None  # switch guidance off after this many steps (paper: 300)
     # Guidance-driven initialisation: this many alignment-only steps (no task loss) before plain
-    # training; guidance is then off.
+    # training; guidance is then off. They come on top of train.epochs / train.max_steps, which
+    # count task-training steps, so an init run trains on its task as long as its baseline.
     init_steps: int = 0
     init_input: Literal["noise", "data"] = "noise"
     temperature: float = 4.0  # distillation temperature

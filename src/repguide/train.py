@@ -290,9 +290,13 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
             f"the training set has {len(train_set)} examples, fewer than one batch of "
             f"train.batch_size={tc.batch_size}; lower the batch size"
         )
-    total_steps = steps_per_epoch * tc.epochs
+    task_steps = steps_per_epoch * tc.epochs
     if tc.max_steps is not None:
-        total_steps = min(total_steps, tc.max_steps)
+        task_steps = min(task_steps, tc.max_steps)
+    # Guidance-driven initialisation comes before the training schedule, not out of it: the
+    # init rows train on their task for as many steps as the baseline they are compared with.
+    init_steps = gc.init_steps if gc.mode == "guide" else 0
+    total_steps = init_steps + task_steps
     per_rank = tc.batch_size // world
 
     def batch_at(step: int) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -375,11 +379,12 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
     progress = _progress(total_steps, step, config.name, quiet or rank != 0)
     model.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
+        task_step = max(step - init_steps, 0)  # the schedule's position; 0 throughout the init phase
+        epoch = task_step // steps_per_epoch
         for group in optimizer.param_groups:
-            group["lr"] = oc.lr * _lr_factor(oc, step, steps_per_epoch, total_steps)
+            group["lr"] = oc.lr * _lr_factor(oc, task_step, steps_per_epoch, task_steps)
         torch.manual_seed(step_seed(tc.seed, step, rank))  # dropout masks depend on (seed, step, rank)
-        inputs, y, idx = batch_at(step)
+        inputs, y, idx = batch_at(step if step < init_steps else step - init_steps)
         t0 = time.perf_counter()
         row = _step(fabric, model, guidance, guide, optimizer, inputs, y, gc, tc, oc.grad_clip, step,
                     index=fabric.to_device(idx) if gc.cache else None)
@@ -389,7 +394,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
         if rank == 0 and (step % tc.log_every == 0 or step == total_steps):
             log.write({**row, "step": step, "epoch": epoch, "split": "train", "lr": optimizer.param_groups[0]["lr"]})
             progress.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
-        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        end_of_epoch = step > init_steps and ((step - init_steps) % steps_per_epoch == 0 or step == total_steps)
         if end_of_epoch:
             val = evaluate(model, splits.val, tc.eval_batch_size, fabric.device, config.data.perplexity_unit)
             best = _better(best, val)
@@ -406,6 +411,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
     train_eval = evaluate(model, _Head(train_set, len(splits.val)), tc.eval_batch_size, fabric.device, config.data.perplexity_unit)
     summary = {
         "name": config.name, "status": "finished", "scale": config.scale, "steps": step,
+        "init_steps": init_steps,
         "metric": val.metric_name, "train_loss": train_eval.loss, "train_metric": train_eval.metric,
         "val_loss": val.loss, "val_metric": val.metric, "test_loss": test.loss, "test_metric": test.metric,
         "best_val_metric": best["metric"] if best else None, "seconds": time.time() - started,
