@@ -67,6 +67,11 @@ CLAIMS: tuple[Claim, ...] = (
             ("deep_fcn_init", "deep_fcn_baseline"),
             ("deep_fcn_resnet18", "deep_fcn_distill"),
         ),
+        notes=(
+            "The init rows (here and in C2, C3) align to an untrained ResNet-18 on noise for 300 steps "
+            "with no task loss, then train plainly for the baseline's whole schedule (380 steps here), "
+            "so they see as many task steps as the baseline."
+        ),
     ),
     Claim(
         "C2", "Wide FCN on images",
