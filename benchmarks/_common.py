@@ -77,16 +77,14 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    if CUDA:
-        torch.cuda.synchronize()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             t0 = clock()
             fns[name]()
-            if CUDA:
-                torch.cuda.synchronize()
+            sync()
             times[name].append(clock() - t0)
     return {name: summary(ts) for name, ts in times.items()}
 

@@ -2,12 +2,22 @@
 
     BENCH_DEVICE=cuda PYTHONPATH=src python3 benchmarks/profile_gpu.py > benchmarks/profiles/gpu-<card>-exact-step.txt
 """
-import sys, time
+import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import torch
 from torch.profiler import profile, ProfilerActivity
 import _common as C
 from bench_step import Runner
+
+if not C.CUDA:
+    raise SystemExit("profile_gpu.py profiles a CUDA device: run it with BENCH_DEVICE=cuda")
+
+
+def launches(prof, steps: int = 5) -> float:
+    """Kernel launches per step in a profile of ``steps`` steps."""
+    names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    return sum(e.count for e in prof.key_averages() if e.key in names) / steps
+
 
 for key in ("a", "b"):
     w = C.WORKLOADS[key]()
@@ -25,11 +35,9 @@ for key in ("a", "b"):
     print(ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=45))
     syncs = {e.key: e.count for e in ka if any(s in e.key for s in ("Synchronize", "item", "is_nonzero", "Memcpy", "local_scalar"))}
     print("sync-like calls over 5 steps:", syncs)
-    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print("kernel launches per step:", launches / 5)
+    print("kernel launches per step:", launches(prof))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
         for _ in range(5):
             p()
         torch.cuda.synchronize()
-    launches = sum(e.count for e in prof2.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print("plain step kernel launches per step:", launches / 5)
+    print("plain step kernel launches per step:", launches(prof2))
