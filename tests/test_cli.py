@@ -18,7 +18,7 @@ import repguide as rg
 from repguide.cli import main
 from repguide.config import load_recipe
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
-from repguide.runs import RunDir, atomic_save
+from repguide.runs import RunDir, RunDirError, atomic_save
 
 FMNIST = Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT)
 needs_fmnist = pytest.mark.skipif(
@@ -225,6 +225,61 @@ def test_folder_with_results_is_not_overwritten_without_overwrite(tmp_path, caps
     assert f"{folder} already holds results; pass --resume" in err and "--overwrite" in err
     assert files(folder) == before
     record("clobber", "run folder that already holds results", "the same command twice, without `--resume`", err, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/elsewhere", "a/b", "../runs2", ".hidden"])
+def test_run_name_that_leaves_the_runs_folder_is_refused_and_nothing_is_deleted(tmp_path, capsys, name):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "runs" / "notes.txt").write_text("mine too")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    err = cli_error(tmp_path, capsys, f"name={name}", "--overwrite")
+    assert f"name: {name!r} is not a run name: a run is one folder directly under the runs folder" in err
+    assert "--runs-dir" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    if name == "..":
+        record("run-name", "run name that is a path", "`name=.. --overwrite`", err, tmp_path)
+
+
+def test_run_name_is_checked_where_the_folder_is_opened_too(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"name: '\.\.' is not a run name"):
+        RunDir(tmp_path / "runs", "..").open(resume=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_deletes_only_the_files_repguide_wrote(tmp_path):
+    folder = existing_run(tmp_path)
+    for own in ("final.pt", "summary.json", "curves.png", ".metrics.csv.tmp", ".final.pt.abc123.tmp"):
+        (folder / own).write_text("repguide's")
+    for mine in ("notes.txt", "analysis.ipynb", ".mine.tmp", "final.pt.bak"):
+        (folder / mine).write_text("the user's")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.txt").write_text("the user's")
+    run = RunDir(tmp_path / "runs", RECIPE)
+    run.open(resume=False, overwrite=True)
+    run.close()
+    assert sorted(p.name for p in folder.iterdir()) == [".mine.tmp", "analysis.ipynb", "final.pt.bak", "notes.txt", "sub"]
+    assert (folder / "sub" / "x.txt").read_text() == "the user's"
+
+
+def test_overwrite_never_follows_a_link_out_of_the_runs_folder(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "metrics.csv").write_text("someone else's")
+    (outside / "final.pt").write_text("someone else's")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / RECIPE).symlink_to(outside)
+    err = cli_error(tmp_path, capsys, "--overwrite")
+    assert f"{tmp_path / 'runs' / RECIPE} is a link" in err and "repguide writes only real folders" in err
+    assert sorted(p.name for p in outside.iterdir()) == ["final.pt", "metrics.csv"]
+    real = existing_run(tmp_path / "second")
+    (real / "final.pt").symlink_to(outside / "final.pt")  # a link inside the run folder: removed, not followed
+    run = RunDir(tmp_path / "second" / "runs", RECIPE)
+    run.open(resume=False, overwrite=True)
+    run.close()
+    assert not (real / "final.pt").exists() and (outside / "final.pt").read_text() == "someone else's"
 
 
 def test_folder_in_use_by_another_run_is_refused(tmp_path, capsys):

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from repguide.runs import check_run_name
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -140,6 +142,11 @@ class RunConfig(_Strict):
     # The paper's claim this run belongs to, for the reproduction report.
     claim: Optional[str] = None
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        return check_run_name(v)
+
 
 # --------------------------------------------------------------------------------------------
 
@@ -243,7 +250,8 @@ def validate(raw: dict) -> RunConfig:
             if e["type"] == "extra_forbidden":
                 lines.append(f"unknown key {where!r}{_key_hint(where)}")
             else:
-                lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+                msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+                lines.append(f"{where}: {msg} (got {e.get('input')!r})")
         raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None
 
 

@@ -16,6 +16,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,7 +25,30 @@ from typing import Any
 import torch
 import yaml
 
-__all__ = ["CheckpointError", "RunDir", "RunDirError", "atomic_save", "load_weights"]
+__all__ = ["CheckpointError", "OWN_FILES", "RunDir", "RunDirError", "atomic_save", "check_run_name", "load_weights"]
+
+# Every file repguide writes into a run folder. ``--overwrite`` deletes these and nothing else, so a
+# run folder that also holds a user's files (or a name that points at the wrong folder) loses only
+# what repguide itself put there.
+OWN_FILES = frozenset({
+    "config.yaml", "metrics.csv", "last.ckpt", "prev.ckpt", "final.pt", "summary.json",
+    "curves.png", "similarity.png", "alignment.png", "alignment_start.csv", "alignment_end.csv",
+    "pairs.json",
+})
+
+# One folder name under the runs folder: no separators, no "." or "..", no leading dot.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,199}")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is one folder name under the runs folder, else a ValueError saying what is allowed."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a run name: a run is one folder directly under the runs folder, "
+            "named with letters, digits and _ - . + = @ (at most 200, not starting with '.'); "
+            "choose the parent folder with --runs-dir instead of a path in the name"
+        )
+    return name
 
 
 class RunDirError(RuntimeError):
@@ -104,7 +128,18 @@ class RunDir:
         return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
     def open(self, resume: bool, overwrite: bool) -> None:
-        """Create (or reuse) the folder and take its lock."""
+        """Create (or reuse) the folder and take its lock.
+
+        Only a folder directly under the runs folder is written, never one reached through a link."""
+        try:
+            check_run_name(self.name)
+        except ValueError as err:
+            raise RunDirError(f"name: {err}") from None
+        if self.path.is_symlink():
+            raise RunDirError(
+                f"{self.path} is a link (to {os.readlink(self.path)}); repguide writes only real folders "
+                "under the runs folder: remove the link or give this run another name"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.path):  # a private name: two starters may probe at once
@@ -115,8 +150,9 @@ class RunDir:
                 "with --runs-dir or fix its permissions"
             ) from None
         self._lock()
-        for tmp in self.path.glob(".*.tmp"):  # left by a run killed while writing a file
-            tmp.unlink()
+        for tmp in self.path.glob(".*.tmp"):  # left by a run killed while writing one of its files
+            if _own_temporary(tmp.name):
+                tmp.unlink()
         if self.has_results() and not (resume or overwrite):
             self.close()
             raise RunDirError(
@@ -124,8 +160,9 @@ class RunDir:
                 "to start again (its files will be replaced)"
             )
         if overwrite and not resume:
-            for f in self.path.iterdir():
-                if f.is_file() and f.name != ".lock":
+            for name in OWN_FILES:  # a link is removed itself; what it points to is never touched
+                f = self.path / name
+                if f.is_symlink() or f.is_file():
                     f.unlink()
 
     def _lock(self) -> None:
@@ -239,6 +276,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _own_temporary(name: str) -> bool:
+    """A temporary file of atomic_save (``.NAME.XXXX.tmp``) or _atomic_write_text (``.NAME.tmp``)."""
+    return any(name == f".{own}.tmp" or (name.startswith(f".{own}.") and name.endswith(".tmp")) for own in OWN_FILES)
 
 
 def _read_pid(lock: Path) -> int | None:
