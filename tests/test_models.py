@@ -275,6 +275,9 @@ CAUSAL_LMS = {
     "rnn_lm": lambda: models.rnn_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=3),
     "lstm_lm": lambda: models.lstm_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=3),
     "gru_lm": lambda: models.gru_lm(VOCAB, embed_dim=8, hidden_dim=12, num_layers=2),
+    "transformer_lm (official switches)": lambda: models.transformer_lm(
+        VOCAB, dim=16, depth=3, heads=2, norm="post", scale_embeddings=True, init="torch"
+    ),
 }
 
 
@@ -349,6 +352,44 @@ def test_transformer_lm_init_layernorm_gains_one_and_linear_std_002():
     qkv = model.blocks[0].attn.qkv
     assert abs(qkv.weight.std().item() - 0.02) < 0.002
     assert torch.equal(qkv.bias, torch.zeros_like(qkv.bias))
+
+
+def test_post_norm_block_equals_torch_encoder_layer_with_the_same_weights():
+    """Independent reference: PyTorch's post-LN ``nn.TransformerEncoderLayer`` (GELU, causal mask)."""
+    torch.manual_seed(0)
+    dim, heads, mlp = 16, 2, 32
+    ours = models.transformer_lm(VOCAB, dim=dim, depth=1, heads=heads, mlp_dim=mlp, norm="post").blocks[0]
+    ref = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True)
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(ours.attn.proj.weight)
+        ref.self_attn.out_proj.bias.copy_(ours.attn.proj.bias)
+        ref.linear1.load_state_dict(ours.mlp.fc1.state_dict())
+        ref.linear2.load_state_dict(ours.mlp.fc2.state_dict())
+        ref.norm1.load_state_dict(ours.norm1.state_dict())
+        ref.norm2.load_state_dict(ours.norm2.state_dict())
+    ours.eval(), ref.eval()
+    x = torch.randn(3, 7, dim)
+    mask = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x, src_mask=mask, is_causal=True), atol=1e-5)
+
+
+def test_official_switches_scale_embeddings_keep_torch_init_and_drop_the_final_norm():
+    torch.manual_seed(0)
+    small = models.copy_transformer(dim=64)
+    official = models.copy_transformer(dim=64, norm="post", scale_embeddings=True, init="torch")
+    assert isinstance(official.norm, nn.Identity) and isinstance(small.norm, nn.LayerNorm)
+    assert official.embed_scale == 8.0 and small.embed_scale == 1.0
+    # PyTorch's init: N(0, 1) embeddings, Kaiming-uniform Linear weights (std 1/sqrt(3 * fan_in)).
+    assert abs(official.embed.weight.std().item() - 1.0) < 0.1
+    qkv = official.blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - (3 * 64) ** -0.5) < 0.01 and qkv.std().item() > 2 * 0.02
+    with pytest.raises(ValueError, match="norm must be one of 'pre', 'post'"):
+        models.copy_transformer(norm="sandwich")
+    with pytest.raises(ValueError, match="init must be one of 'small', 'torch'"):
+        models.copy_transformer(init="xavier")
 
 
 def test_heads_must_divide_dim():

@@ -10,6 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+NORMS = ("pre", "post")  # where a block's LayerNorms sit
+INITS = ("small", "torch")  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention, causal or bidirectional: ``(n, T, dim) → (n, T, dim)``.
 
@@ -44,12 +48,20 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block, ``x + attn(norm1(x))`` then ``+ mlp(norm2(x))``: ``(n, T, dim) → same``."""
+    """Pre-norm block, ``x + attn(norm1(x))`` then ``+ mlp(norm2(x))``: ``(n, T, dim) → same``.
+
+    ``norm="post"`` is the original Transformer's order (and PyTorch's ``nn.TransformerEncoderLayer``
+    default, which the official code used): ``norm1(x + attn(x))`` then ``norm2(x + mlp(x))``.
+    """
 
     def __init__(
-        self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+        self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False,
+        norm: str = "pre",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+        self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, dropout, causal)
         self.drop = nn.Dropout(dropout)
@@ -65,12 +77,16 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True at real (non-pad) tokens."""
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self.attn(x, key_mask)))
+            return self.norm2(x + self.mlp(x))
         x = x + self.drop(self.attn(self.norm1(x), key_mask))
         return x + self.mlp(self.norm2(x))
 
 
 def make_blocks(
-    depth: int, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool, tie: bool = False
+    depth: int, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool, tie: bool = False,
+    norm: str = "pre",
 ) -> nn.ModuleList:
     """``depth`` blocks, each with its own weights unless ``tie``.
 
@@ -79,7 +95,7 @@ def make_blocks(
     which made the layers indistinguishable).
     """
     blocks = nn.ModuleList(
-        TransformerBlock(dim, heads, mlp_dim, dropout, causal) for _ in range(depth)
+        TransformerBlock(dim, heads, mlp_dim, dropout, causal, norm) for _ in range(depth)
     )
     if tie:
         for block in blocks[1:]:
@@ -126,14 +142,23 @@ def make_positions(kind: str, max_len: int, dim: int) -> nn.Module:
     raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {kind!r}")
 
 
-def init_weights(model: nn.Module, positions: str) -> None:
+def init_weights(model: nn.Module, positions: str, init: str = "small") -> None:
     """GPT-2 style init: Linear and Embedding weights N(0, 0.02), biases 0.
+
+    ``init="torch"`` keeps PyTorch's own init instead (Linear: Kaiming-uniform weights, Embedding:
+    N(0, 1)), as the official code did. At random init the two differ in what a guide carries:
+    with N(0, 0.02) attention outputs are tiny beside the embeddings, so every position's
+    representation is little more than its own token.
 
     LayerNorm keeps PyTorch's init (gain 1, bias 0); the official code drew its gains from
     N(0, 0.02), which almost switches every normalised branch off. Token embeddings start at the
     scale of the position signal added to them: 0.02 beside learned positions, 1 beside the
     unit-amplitude sinusoidal table.
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    if init == "torch":
+        return
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)

@@ -8,6 +8,7 @@ length of each padded sequence as ``lengths: (n,)``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -207,7 +208,13 @@ def parity_rnn(
 
 
 class _TransformerNet(nn.Module):
-    """``embed``, ``pos``, ``drop``, pre-norm ``blocks.0 ..``, final ``norm``, ``head``."""
+    """``embed``, ``pos``, ``drop``, ``blocks.0 ..``, final ``norm``, ``head``.
+
+    The defaults are a pre-norm stack with GPT-2-style N(0, 0.02) init. The official code's guides
+    differ in three ways that decide what an *untrained* guide carries, each a switch here:
+    ``norm="post"`` (LayerNorm after each residual sum), ``scale_embeddings=True`` (token embeddings
+    times √dim) and ``init="torch"`` (PyTorch's module init).
+    """
 
     def __init__(
         self,
@@ -223,18 +230,23 @@ class _TransformerNet(nn.Module):
         causal: bool,
         out_features: int,
         padding_idx: int | None = None,
+        norm: str = "pre",
+        scale_embeddings: bool = False,
+        init: str = "small",
     ) -> None:
         super().__init__()
         self.max_len = max_len
+        self.embed_scale = math.sqrt(dim) if scale_embeddings else 1.0
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
         self.pos = make_positions(positions, max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = make_blocks(
-            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers
+            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers, norm
         )
-        self.norm = nn.LayerNorm(dim)
+        # A post-norm stack already ends in a LayerNorm.
+        self.norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
         self.head = nn.Linear(dim, out_features)
-        init_weights(self, positions)
+        init_weights(self, positions, init)
 
     def features(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``x: (n, T)`` tokens, ``key_mask: (n, T)`` bool, True at real tokens → ``(n, T, dim)``.
@@ -242,7 +254,7 @@ class _TransformerNet(nn.Module):
         The output is after the final ``norm``.
         """
         check_length(x.shape[1], self.max_len)
-        h = self.drop(self.pos(self.embed(x)))
+        h = self.drop(self.pos(self.embed(x) * self.embed_scale))
         for block in self.blocks:
             h = block(h, key_mask)
         return self.norm(h)
@@ -262,11 +274,15 @@ class TransformerLM(_TransformerNet):
         positions: str = "learned",
         dropout: float = 0.0,
         tie_layers: bool = False,
+        norm: str = "pre",
+        scale_embeddings: bool = False,
+        init: str = "small",
     ) -> None:
         super().__init__(
             vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
             causal=True,
             out_features=vocab_size,
+            norm=norm, scale_embeddings=scale_embeddings, init=init,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -292,12 +308,16 @@ class ParityTransformer(_TransformerNet):
         dropout: float = 0.0,
         tie_layers: bool = False,
         pad_id: int = 2,
+        norm: str = "pre",
+        scale_embeddings: bool = False,
+        init: str = "small",
     ) -> None:
         super().__init__(
             vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
             causal=False,
             out_features=2,
             padding_idx=pad_id,
+            norm=norm, scale_embeddings=scale_embeddings, init=init,
         )
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -319,14 +339,19 @@ def transformer_lm(
     positions: str = "learned",
     dropout: float = 0.0,
     tie_layers: bool = False,
+    norm: str = "pre",
+    scale_embeddings: bool = False,
+    init: str = "small",
 ) -> TransformerLM:
-    """Causal pre-norm Transformer LM.
+    """Causal Transformer LM, pre-norm by default.
 
     ``mlp_dim`` defaults to ``4 * dim``; ``positions`` is ``"learned"`` or ``"sinusoidal"``;
-    ``tie_layers`` shares one set of block weights across depth.
+    ``tie_layers`` shares one set of block weights across depth; ``norm``, ``scale_embeddings`` and
+    ``init`` are the official code's switches (see ``_TransformerNet``).
     """
     return TransformerLM(
-        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers
+        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
+        norm, scale_embeddings, init,
     )
 
 
@@ -341,11 +366,16 @@ def copy_transformer(
     positions: str = "sinusoidal",
     dropout: float = 0.0,
     tie_layers: bool = False,
+    norm: str = "pre",
+    scale_embeddings: bool = False,
+    init: str = "small",
 ) -> TransformerLM:
     """:func:`transformer_lm` at copy-paste size: the paper's Transformer guide on copy-paste
-    (sinusoidal positions as in the official code, but truly causal and with untied layers)."""
+    (sinusoidal positions as in the official code, but truly causal and with untied layers;
+    ``norm="post", scale_embeddings=True, init="torch"`` build it as the official code did)."""
     return TransformerLM(
-        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers
+        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
+        norm, scale_embeddings, init,
     )
 
 
@@ -361,8 +391,13 @@ def parity_transformer(
     dropout: float = 0.0,
     tie_layers: bool = False,
     pad_id: int = 2,
+    norm: str = "pre",
+    scale_embeddings: bool = False,
+    init: str = "small",
 ) -> ParityTransformer:
-    """The paper's parity Transformer target: encoder, masked mean-pool, → 2 logits."""
+    """The paper's parity Transformer target: encoder, masked mean-pool, → 2 logits
+    (``norm``, ``scale_embeddings``, ``init``: the official code's switches, see ``_TransformerNet``)."""
     return ParityTransformer(
-        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers, pad_id
+        vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers, pad_id,
+        norm, scale_embeddings, init,
     )
