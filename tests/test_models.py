@@ -278,6 +278,9 @@ CAUSAL_LMS = {
     "transformer_lm (official switches)": lambda: models.transformer_lm(
         VOCAB, dim=16, depth=3, heads=2, norm="post", scale_embeddings=True, init="torch"
     ),
+    "transformer_lm (causal memory)": lambda: models.transformer_lm(
+        VOCAB, dim=16, depth=3, heads=2, norm="post", memory="causal"
+    ),
 }
 
 
@@ -390,6 +393,16 @@ def test_official_switches_scale_embeddings_keep_torch_init_and_drop_the_final_n
         models.copy_transformer(norm="sandwich")
     with pytest.raises(ValueError, match="init must be one of 'small', 'torch'"):
         models.copy_transformer(init="xavier")
+
+
+def test_unmasked_memory_lets_an_early_position_see_a_later_token_as_the_official_guide_did():
+    torch.manual_seed(0)
+    model = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2, memory="unmasked")
+    out, out_changed = _future_token_changes(model, VOCAB, 9)
+    assert not torch.allclose(out[:, 0], out_changed[:, 0], atol=1e-6, rtol=0)
+    assert [n for n, _ in model.blocks[0].named_children()][-2:] == ["norm_cross", "cross"]
+    with pytest.raises(ValueError, match="memory must be one of 'none', 'causal', 'unmasked'"):
+        models.copy_transformer(memory="full")
 
 
 def test_heads_must_divide_dim():

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 
 NORMS = ("pre", "post")  # where a block's LayerNorms sit
-INITS = ("small", "torch")  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+INITS = ("small", "torch")
+MEMORIES = ("none", "causal", "unmasked")  # cross-attention to the stack's input, and its mask  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
 
 
 class SelfAttention(nn.Module):
@@ -47,20 +48,53 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, t, dim))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x: (n, T, dim)`` to ``memory: (n, S, dim)`` → ``(n, T, dim)``.
+
+    ``causal`` lets position t attend memory positions ≤ t only (memory of the same length as x)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        n, t, dim = x.shape
+        s = memory.shape[1]
+        q = self.q(x).view(n, t, self.heads, dim // self.heads).transpose(1, 2)
+        k, v = self.kv(memory).view(n, s, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
+        )
+        return self.proj(out.transpose(1, 2).reshape(n, t, dim))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block, ``x + attn(norm1(x))`` then ``+ mlp(norm2(x))``: ``(n, T, dim) → same``.
 
     ``norm="post"`` is the original Transformer's order (and PyTorch's ``nn.TransformerEncoderLayer``
     default, which the official code used): ``norm1(x + attn(x))`` then ``norm2(x + mlp(x))``.
+    ``memory`` other than ``"none"`` adds a cross-attention sub-layer (``cross``, with ``norm_cross``)
+    between the two, attending the stack's input passed as ``memory``: as the official copy-paste
+    guide's ``nn.TransformerDecoderLayer`` did with its own input, ``"unmasked"`` (every position
+    sees the whole input, future tokens included) or ``"causal"``.
     """
 
     def __init__(
         self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False,
         norm: str = "pre",
+        memory: str = "none",
     ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}, got {memory!r}")
         self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, dropout, causal)
@@ -74,19 +108,28 @@ class TransformerBlock(nn.Module):
                 drop=nn.Dropout(dropout),
             )
         )
+        if memory != "none":
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, heads, dropout, causal=memory == "causal")
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True at real (non-pad) tokens."""
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+        """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True at real (non-pad) tokens;
+        ``memory: (n, T, dim)``, the stack's input, for a block built with ``memory``."""
         if self.post_norm:
             x = self.norm1(x + self.drop(self.attn(x, key_mask)))
+            if hasattr(self, "cross"):
+                x = self.norm_cross(x + self.drop(self.cross(x, memory, key_mask)))
             return self.norm2(x + self.mlp(x))
         x = x + self.drop(self.attn(self.norm1(x), key_mask))
+        if hasattr(self, "cross"):
+            x = x + self.drop(self.cross(self.norm_cross(x), memory, key_mask))
         return x + self.mlp(self.norm2(x))
 
 
 def make_blocks(
     depth: int, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool, tie: bool = False,
     norm: str = "pre",
+    memory: str = "none",
 ) -> nn.ModuleList:
     """``depth`` blocks, each with its own weights unless ``tie``.
 
@@ -95,7 +138,7 @@ def make_blocks(
     which made the layers indistinguishable).
     """
     blocks = nn.ModuleList(
-        TransformerBlock(dim, heads, mlp_dim, dropout, causal, norm) for _ in range(depth)
+        TransformerBlock(dim, heads, mlp_dim, dropout, causal, norm, memory) for _ in range(depth)
     )
     if tie:
         for block in blocks[1:]:

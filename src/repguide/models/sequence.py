@@ -213,7 +213,9 @@ class _TransformerNet(nn.Module):
     The defaults are a pre-norm stack with GPT-2-style N(0, 0.02) init. The official code's guides
     differ in three ways that decide what an *untrained* guide carries, each a switch here:
     ``norm="post"`` (LayerNorm after each residual sum), ``scale_embeddings=True`` (token embeddings
-    times √dim) and ``init="torch"`` (PyTorch's module init).
+    times √dim), ``init="torch"`` (PyTorch's module init) and ``memory`` (``"unmasked"``: every block
+    also attends the stack's input, future tokens included, as the official copy-paste guide's
+    decoder layers did; ``"causal"``: the same, masked).
     """
 
     def __init__(
@@ -233,15 +235,17 @@ class _TransformerNet(nn.Module):
         norm: str = "pre",
         scale_embeddings: bool = False,
         init: str = "small",
+        memory: str = "none",
     ) -> None:
         super().__init__()
         self.max_len = max_len
+        self.uses_memory = memory != "none"
         self.embed_scale = math.sqrt(dim) if scale_embeddings else 1.0
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
         self.pos = make_positions(positions, max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = make_blocks(
-            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers, norm
+            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers, norm, memory
         )
         # A post-norm stack already ends in a LayerNorm.
         self.norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
@@ -255,8 +259,9 @@ class _TransformerNet(nn.Module):
         """
         check_length(x.shape[1], self.max_len)
         h = self.drop(self.pos(self.embed(x) * self.embed_scale))
+        memory = h if self.uses_memory else None
         for block in self.blocks:
-            h = block(h, key_mask)
+            h = block(h, key_mask, memory)
         return self.norm(h)
 
 
@@ -277,12 +282,13 @@ class TransformerLM(_TransformerNet):
         norm: str = "pre",
         scale_embeddings: bool = False,
         init: str = "small",
+        memory: str = "none",
     ) -> None:
         super().__init__(
             vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
             causal=True,
             out_features=vocab_size,
-            norm=norm, scale_embeddings=scale_embeddings, init=init,
+            norm=norm, scale_embeddings=scale_embeddings, init=init, memory=memory,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -342,16 +348,17 @@ def transformer_lm(
     norm: str = "pre",
     scale_embeddings: bool = False,
     init: str = "small",
+    memory: str = "none",
 ) -> TransformerLM:
     """Causal Transformer LM, pre-norm by default.
 
     ``mlp_dim`` defaults to ``4 * dim``; ``positions`` is ``"learned"`` or ``"sinusoidal"``;
-    ``tie_layers`` shares one set of block weights across depth; ``norm``, ``scale_embeddings`` and
-    ``init`` are the official code's switches (see ``_TransformerNet``).
+    ``tie_layers`` shares one set of block weights across depth; ``norm``, ``scale_embeddings``,
+    ``init`` and ``memory`` are the official code's switches (see ``_TransformerNet``).
     """
     return TransformerLM(
         vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
-        norm, scale_embeddings, init,
+        norm, scale_embeddings, init, memory,
     )
 
 
@@ -369,13 +376,15 @@ def copy_transformer(
     norm: str = "pre",
     scale_embeddings: bool = False,
     init: str = "small",
+    memory: str = "none",
 ) -> TransformerLM:
     """:func:`transformer_lm` at copy-paste size: the paper's Transformer guide on copy-paste
     (sinusoidal positions as in the official code, but truly causal and with untied layers;
-    ``norm="post", scale_embeddings=True, init="torch"`` build it as the official code did)."""
+    ``norm="post", scale_embeddings=True, init="torch", memory="unmasked"`` build it as the
+    official code did)."""
     return TransformerLM(
         vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
-        norm, scale_embeddings, init,
+        norm, scale_embeddings, init, memory,
     )
 
 
