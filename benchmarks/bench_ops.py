@@ -195,6 +195,18 @@ class Step:
             torch.cuda.synchronize()
 
 
+def self_check() -> None:
+    """The counter sees what it claims to: 3 ops and 3 syncs in a known snippet."""
+    x = torch.arange(4.0, device=DEVICE)
+    with OpCounter() as c:
+        x.sum().item()  # sum + _local_scalar_dense
+        _ = x[x > 1]  # gt + index with a boolean mask
+        torch.nonzero(x)
+    kinds = sorted(k for k, _ in c.syncs)
+    assert kinds == ["_local_scalar_dense", "index with a boolean mask", "nonzero"], kinds
+    assert c.total == 5, c.by_op
+
+
 def run_workload(key: str) -> dict:
     workload = WORKLOADS[key]()
     print(f"\n## ({key}) {workload.name}\n", flush=True)
@@ -279,6 +291,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="abcd")
     args = parser.parse_args()
     check_environment()
+    self_check()
     t0 = time.perf_counter()
     payload = {"machine": machine(), "goal": {"extra_ops_per_pair": GOAL_OPS, "host_syncs": GOAL_SYNCS},
                "by_workload": {}}
