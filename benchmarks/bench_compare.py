@@ -207,7 +207,7 @@ def main() -> None:
         payload["tools"][name] = {"timing": t, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
                                   "worst_cell": [layers_a[worst[0]], layers_b[worst[1]]],
                                   "worst_value": float(out[name][worst]), "reference_value": float(ref[worst])}
-        rows.append([name, t["median"], float(err.max()), f"{layers_a[worst[0]]} × fcn.{layers_b[worst[1]]}: "
+        rows.append([name, t["median"], float(err.max()), f"cnn.{layers_a[worst[0]]} × fcn.{layers_b[worst[1]]}: "
                      f"{float(out[name][worst]):.4g} vs {float(ref[worst]):.4g}", float(err.mean())])
     md = [f"6-conv CNN × 12-layer FCN (untrained), {EXAMPLES} examples ({source}), batch {BATCH}, "
           f"{len(layers_a)}×{len(layers_b)} layers, minibatch unbiased CKA. Goal: repguide's default at least as "
