@@ -1,4 +1,4 @@
-"""What every benchmark shares: interleaved timing, the two workloads, machine facts, results on disk.
+"""What every benchmark shares: interleaved timing, the four workloads, machine facts, results on disk.
 
 Timing: all variants of one comparison run in one process, after warm-up, one call of each per
 round in a rotating order, and the median over rounds is reported. Interleaving makes a change in
@@ -269,7 +269,93 @@ class _Head:
         return self.dataset.batch(idx)
 
 
-WORKLOADS = {"a": fcn_resnet, "b": lstm_transformer}
+def plain_fcn(depth: int = 24, width: int = 512, in_features: int = 784, num_classes: int = 10) -> nn.Module:
+    """An FCN as a user writes it: ``nn.Sequential`` of Linear + BatchNorm1d + ReLU, then the head."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(depth):
+        layers += [nn.Linear(in_features if i == 0 else width, width), nn.BatchNorm1d(width), nn.ReLU()]
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def plain_cnn(depth: int = 8, width: int = 16, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A CNN without residuals, written by hand: ``depth`` × (3×3 conv + BatchNorm2d + ReLU) at
+    full resolution, global average pooling, a linear head."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _images(examples: int):
+    try:
+        return data.create("fashion_mnist", train_size=examples).train, "Fashion-MNIST"
+    except (FileNotFoundError, ValueError):
+        g = torch.Generator().manual_seed(0)
+        return (rg.data.TensorExamples(torch.randn(examples, 1, 28, 28, generator=g),
+                                       torch.randint(0, 10, (examples,), generator=g)),
+                "random images (Fashion-MNIST not installed)")
+
+
+def fcn_plain_cnn(batch_size: int = 256, examples: int = 2560) -> Workload:
+    """(c) FCN 24×512 (nn.Sequential of Linear + BatchNorm1d + ReLU) ← plain CNN (8 conv + BN + ReLU,
+    width 16, no residuals), both written as plain torch, on 1×28×28 images."""
+    dataset, source = _images(examples)
+    return Workload(
+        f"plain fcn 24x512 <- plain cnn 8 conv w16, batch {batch_size}",
+        lambda: plain_fcn(24, 512), lambda: plain_cnn(8, 16),
+        dataset, batch_size, _classification_loss, source,
+    )
+
+
+class HandLSTM(nn.Module):
+    """An LSTM language model as a user writes it: embedding, ``nn.LSTM``, linear head."""
+
+    def __init__(self, vocab: int, embed_dim: int = 128, hidden_dim: int = 256, num_layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0])
+
+
+def gpt2_small(vocab: int, context: int = 128, dim: int = 128, depth: int = 4, heads: int = 4) -> nn.Module:
+    """A Hugging Face GPT-2 from a small config: random weights, nothing downloaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=dim, n_layer=depth, n_head=heads,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def lstm_gpt2(batch_size: int = 64, context: int = 128, examples: int = 1280) -> Workload:
+    """(d) nn.LSTM LM 2×256 ← Hugging Face GPT-2 (d=128, 4 blocks, random weights), on characters,
+    with ``Guidance`` defaults (stretch over the default candidate layers)."""
+    dataset, vocab, source = _characters(context, examples)
+    return Workload(
+        f"nn.LSTM lm 2x256 <- HF GPT-2 d128x4 (random weights), {batch_size}x{context} tokens, vocab {vocab}",
+        lambda: HandLSTM(vocab), lambda: gpt2_small(vocab, context),
+        _Head(dataset, examples), batch_size, _lm_loss, source,
+    )
+
+
+def _characters(context: int, examples: int):
+    try:
+        splits = data.create("shakespeare_char", context=context)
+        return splits.train, splits.vocab_size, "Shakespeare characters"
+    except (FileNotFoundError, ValueError, ImportError):
+        vocab = 65
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, vocab, (examples, context + 1), generator=g)
+        return (rg.data.TensorExamples(tokens[:, :-1], tokens[:, 1:]), vocab,
+                "random tokens (Shakespeare not installed)")
+
+
+WORKLOADS = {"a": fcn_resnet, "b": lstm_transformer, "c": fcn_plain_cnn, "d": lstm_gpt2}
 
 
 def seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

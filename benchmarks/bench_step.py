@@ -1,6 +1,8 @@
 """Step overhead of guidance: exact guided step against its floor and against the official code.
 
-For each workload ((a) Deep FCN ← ResNet-18, (b) LSTM LM ← Transformer LM):
+For each workload ((a) Deep FCN ← ResNet-18, (b) LSTM LM ← Transformer LM; and, R1 only, (c) plain
+FCN 24×512 ← plain 8-conv CNN and (d) nn.LSTM LM ← Hugging Face GPT-2, both written as plain torch /
+transformers with Guidance defaults, skipped with the reason printed where the defaults find no layer):
 
 * floor = plain target step (forward, backward, Adam) + guide forward under no_grad + every matrix
   product the measure needs for every pair, each timed alone (for linear CKA in the Gram form: each
@@ -47,6 +49,7 @@ from repguide.guidance import GuideFeatureCache  # noqa: E402
 from repguide.similarity import _use_gram_form  # noqa: E402
 
 SKETCH_DIM = 1024
+FULL = "ab"  # workloads with the official-style step, fast modes and memory; the others get R1 only
 
 # Fast modes: Guidance keyword arguments (the cache is added by make_guidance).
 FAST_MODES = {
@@ -277,14 +280,24 @@ def measure_cuda_memory(runner: Runner) -> float:
 def run_workload(key: str, repeats: int, quick: bool) -> dict:
     workload = WORKLOADS[key]()
     print(f"\n## ({key}) {workload.name}\n\ndata: {workload.source}\n", flush=True)
-    exact = Runner(workload, "exact")
+    try:
+        exact = Runner(workload, "exact")
+    except ValueError as e:  # (d): no candidate layer found with the defaults
+        reason = str(e).splitlines()[0]
+        if "0 guide layer" in reason or "0 target layer" in reason:
+            reason = ("today's layer discovery finds no candidate layer in the model with Guidance defaults "
+                      f"(the known bug of the issue 'What a layer is', being fixed elsewhere): {reason}")
+        md = f"skipped: {reason}"
+        print(md, flush=True)
+        return {"workload": workload.name, "data": workload.source, "skipped": reason, "markdown": md}
     pairs = [p.key for p in exact.guidance.pairs]
-    modes = fast_modes()
+    full = key in FULL  # (c) and (d): R1 only (plain, guide forward, exact, the floor)
+    modes = fast_modes() if full else {}
     runners = {
         "plain": Runner(workload, "plain"),
         "guide forward": Runner(workload, "guide forward"),
         "exact": exact,
-        "official": Runner(workload, "official", pairs=pairs),
+        **({"official": Runner(workload, "official", pairs=pairs)} if full else {}),
         **{name: Runner(workload, "fast", options) for name, options in modes.items()},
     }
     timed = interleaved(runners, repeats)
@@ -299,7 +312,8 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
             {"what": what, "op": op, "dims": dims, "count": c, "seconds": product_times[str((op, dims))]}
             for what, op, dims, c in products
         ],
-        "floor": floor, "R1": med["exact"] / floor, "R2": med["exact"] / med["official"],
+        "floor": floor, "R1": med["exact"] / floor,
+        "R2": med["exact"] / med["official"] if full else float("nan"),
     }
     rows = [
         ["plain target step", med["plain"] * 1e3, med["plain"] / med["plain"]],
@@ -308,11 +322,16 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
          product_total * 1e3, float("nan")],
         ["**floor** (sum of the three)", floor * 1e3, floor / med["plain"]],
         ["**exact guided step**", med["exact"] * 1e3, med["exact"] / med["plain"]],
-        ["official-style guided step", med["official"] * 1e3, med["official"] / med["plain"]],
-    ] + [[f"fast: {name}", med[name] * 1e3, med[name] / med["plain"]] for name in modes]
+    ] + ([["official-style guided step", med["official"] * 1e3, med["official"] / med["plain"]]] if full else []) \
+      + [[f"fast: {name}", med[name] * 1e3, med[name] / med["plain"]] for name in modes]
     md = [table(["step", "median ms", "× plain step"], rows)]
-    md.append(f"\nR1 = exact / floor = **{result['R1']:.3f}** (goal ≤ 1.05); "
-              f"R2 = exact / official = **{result['R2']:.3f}** (goal ≤ 0.40)")
+    md.append(f"\nR1 = exact / floor = **{result['R1']:.3f}** (goal ≤ 1.05)" + (
+        f"; R2 = exact / official = **{result['R2']:.3f}** (goal ≤ 0.40)" if full else
+        f" ({len(pairs)} pairs; R1 only on this workload: no official-style step, fast modes or memory)"))
+    if not full:
+        result["markdown"] = "\n".join(md)
+        print(result["markdown"], flush=True)
+        return result
 
     print("measuring fast-mode errors ...", flush=True)
     errors = fast_mode_errors(workload, modes, exact)
@@ -360,7 +379,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, no memory subprocesses (on CUDA memory is still measured, in-process)")
-    parser.add_argument("--workloads", default="ab")
+    parser.add_argument("--workloads", default="abcd")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_step", "bench_kernels", "bench_scaling", "bench_compile"]
+ORDER = ["bench_step", "bench_ops", "bench_kernels", "bench_scaling", "bench_compare", "bench_compile"]
 
 
 def _bench(path: Path) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in the environment their numbers assume, then writes benchmarks/RESULTS.md.
 #
-#   bash benchmarks/run.sh                   # step, kernels and scaling (what `make bench` runs)
+#   bash benchmarks/run.sh                   # step, kernels, scaling, ops, compare (what `make bench` runs)
 #   bash benchmarks/run.sh step --quick      # one benchmark; further arguments go to it
 #   bash benchmarks/run.sh compile           # the torch.compile experiment (not in `make bench`)
 #   THREADS=1 BENCH_CLOCK=cpu bash benchmarks/run.sh   # on a machine other jobs are loading
@@ -17,7 +17,7 @@ export BENCH_CLOCK=${BENCH_CLOCK:-wall}
 PY=${PY:-.venv/bin/python}
 
 if [ $# -eq 0 ]; then
-    for name in step kernels scaling; do
+    for name in step kernels scaling ops compare; do
         "$PY" "benchmarks/bench_$name.py"
     done
 else
