@@ -16,7 +16,7 @@ from torch import nn
 
 import repguide as rg
 from repguide.cli import main
-from repguide.config import load_recipe
+from repguide.config import SCALES, list_recipes, load_recipe
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.runs import RunDir, RunDirError, atomic_save
 
@@ -101,6 +101,131 @@ def test_override_without_a_value_shows_the_form(tmp_path, capsys):
     err = capsys.readouterr().err.rstrip("\n")
     assert "override 'train.epochs' must look like key=value, e.g. train.epochs=3" in err
     record("override", "override without `=`", "`repguide run deep_fcn_untrained_resnet18 train.epochs`", err, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_shipped_recipe_validates_at_every_scale(recipe, scale):
+    assert load_recipe(recipe, scale).scale == scale
+
+
+def test_invalid_recipe_yaml_names_the_file_and_the_line(tmp_path, capsys):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: deep_fcn_baseline\ntrain:\n  epochs: [3\n")
+    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert f"recipe {recipe} is not valid YAML at line 4" in err and "Traceback" not in err
+    record("yaml", "recipe file that is not valid YAML", "`repguide run mine.yaml` (an unclosed `[`)", err, tmp_path)
+
+
+def test_override_value_that_is_not_yaml_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.epochs=[3")
+    assert "override 'train.epochs=[3': the value is not valid YAML" in err
+    record("override-yaml", "override value that is not valid YAML", "`train.epochs=[3`", err, tmp_path)
+
+
+# (override, bad input, message): every size, count and weight is checked when the recipe loads.
+OUT_OF_RANGE = [
+    ("optim.grad_clip=-1", "negative gradient clip (reverses the gradient)",
+     "optim.grad_clip: must be a finite number > 0, or null for no clipping (got -1)"),
+    ("guidance.off_after=0", "`off_after` of 0 steps",
+     "guidance.off_after: must be an integer >= 1, or null to keep guidance on (got 0)"),
+    ("guidance.weight=nan", "NaN guidance weight", "guidance.weight: must be a finite number >= 0 (got 'nan')"),
+    ("guidance.weight=-1", "negative guidance weight", "guidance.weight: must be a finite number >= 0 (got -1)"),
+    ("guidance.temperature=0", "distillation temperature 0", "guidance.temperature: must be a finite number > 0 (got 0)"),
+    ("guidance.init_steps=-2", "negative initialisation steps", "guidance.init_steps: must be an integer >= 0 (got -2)"),
+    ("guidance.sketch_dim=0", "sketch width 0", "guidance.sketch_dim: must be an integer >= 1, or null for no sketch (got 0)"),
+    ("train.epochs=-1", "negative epochs", "train.epochs: must be an integer >= 1 (got -1)"),
+    ("train.max_steps=-5", "negative `max_steps`", "train.max_steps: must be an integer >= 1, or null for the whole schedule (got -5)"),
+    ("train.batch_size=-4", "negative batch size", "train.batch_size: must be an integer >= 1 (got -4)"),
+    ("train.batch_size=0", "batch size 0", "train.batch_size: must be an integer >= 1 (got 0)"),
+    ("train.eval_batch_size=0", "evaluation batch size 0", "train.eval_batch_size: must be an integer >= 1 (got 0)"),
+    ("train.log_every=0", "`log_every` 0", "train.log_every: must be an integer >= 1 (got 0)"),
+    ("train.checkpoint_every=0", "`checkpoint_every` 0", "train.checkpoint_every: must be an integer >= 1 (got 0)"),
+    ("train.num_nodes=0", "0 nodes", "train.num_nodes: must be an integer >= 1 (got 0)"),
+    ("train.devices=0", "0 devices", "train.devices: must be an integer >= 1, 'auto', or device indices such as '0,1' (got 0)"),
+    ("optim.lr=0", "learning rate 0", "optim.lr: must be a finite number > 0 (got 0)"),
+    ("optim.lr=.inf", "infinite learning rate", "optim.lr: must be a finite number > 0 (got inf)"),
+    ("optim.weight_decay=-0.1", "negative weight decay", "optim.weight_decay: must be a finite number >= 0 (got -0.1)"),
+    ("optim.momentum=-0.9", "negative momentum", "optim.momentum: must be a finite number >= 0 (got -0.9)"),
+    ("optim.gamma=-0.1", "negative lr decay factor", "optim.gamma: must be a finite number >= 0 (got -0.1)"),
+    ("optim.step_epochs=0", "lr step every 0 epochs", "optim.step_epochs: must be an integer >= 1 (got 0)"),
+    ("data.kwargs.train_size=-5", "negative training-set size", "data.kwargs.train_size: must be an integer >= 1 (got -5)"),
+]
+
+
+@pytest.mark.parametrize("override, bad_input, message", OUT_OF_RANGE, ids=[o for o, _, _ in OUT_OF_RANGE])
+def test_value_out_of_range_names_the_key_the_value_and_the_range(tmp_path, capsys, override, bad_input, message):
+    err = cli_error(tmp_path, capsys, override)
+    assert err == f"repguide: error: invalid run config:\n  {message}"
+    assert nothing_written(tmp_path)
+    record(f"range {override}", bad_input, f"`{override}`", err, tmp_path)
+
+
+def test_unknown_accelerator_lists_the_known_ones(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.accelerator=gpuu")
+    assert "train.accelerator: Input should be 'auto', 'cpu', 'cuda', 'gpu', 'mps' or 'tpu' (got 'gpuu')" in err
+    record("accelerator", "unknown accelerator", "`train.accelerator=gpuu`", err, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_gpu_accelerator_on_a_machine_without_one_says_what_to_use(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.accelerator=gpu")
+    assert "train.accelerator='gpu', but torch finds no such device on this machine" in err
+    assert "train.accelerator=auto" in err and nothing_written(tmp_path)
+    record("no-gpu", "GPU accelerator on a machine without one", "`train.accelerator=gpu`", err, tmp_path)
+
+
+def test_model_option_of_the_wrong_type_names_it(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "model.kwargs.width=abc")
+    assert "model.kwargs.width: Input should be a valid integer (got 'abc')" in err
+    record("model-option-type", "model option of the wrong type", "`model.kwargs.width=abc`", err, tmp_path)
+
+
+def test_unknown_data_option_lists_the_options(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "data.kwargs.trian_size=100")
+    assert "data.kwargs: data set 'fashion_mnist' has no option 'trian_size'; it accepts " in err
+    assert "Did you mean train_size?" in err
+    record("data-option", "unknown data set option", "`data.kwargs.trian_size=100`", err, tmp_path)
+
+
+def test_guided_mode_without_a_guide_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.guide=null")
+    assert "guidance.mode='guide' needs guidance.guide (a model name and kwargs)" in err
+    record("no-guide", "guidance without a guide", "`guidance.guide=null`", err, tmp_path)
+
+
+def test_initialisation_and_off_after_together_are_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.init_steps=5", "guidance.off_after=3")
+    assert "guidance.init_steps=5 and guidance.off_after=3 cannot both be set" in err
+    record("init-off-after", "initialisation steps and `off_after` together",
+           "`guidance.init_steps=5 guidance.off_after=3`", err, tmp_path)
+
+
+def test_guide_feature_cache_with_a_noise_input_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.cache=true", "guidance.guide_input=noise")
+    assert "guidance.cache=true stores the guide's features" in err and "sees noise here" in err
+    record("cache-noise", "guide-feature cache with a guide that sees noise",
+           "`guidance.cache=true guidance.guide_input=noise`", err, tmp_path)
+
+
+def test_guide_feature_cache_with_augmentation_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.cache=true", "data.kwargs.augment=flip")
+    assert "data.kwargs.augment='flip' augments its examples at random" in err
+    record("cache-augment", "guide-feature cache with random augmentation",
+           "`guidance.cache=true data.kwargs.augment=flip`", err, tmp_path)
+
+
+def test_batch_that_the_processes_cannot_share_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "train.devices=3")
+    assert "train.batch_size=64 must be divisible by the 3 processes (train.devices=3 x train.num_nodes=1)" in err
+    record("world", "batch not divisible by the processes", "`train.devices=3` (batch 64)", err, tmp_path)
+
+
+def test_training_set_smaller_than_one_batch_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "data.kwargs.train_size=10")
+    assert "the training set has 10 examples (data.kwargs.train_size), fewer than one batch" in err
+    record("small-train", "training set smaller than one batch", "`data.kwargs.train_size=10` (batch 64)", err, tmp_path)
 
 
 @needs_fmnist

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from repguide import _config_rules
 from repguide.runs import check_run_name
 
 __all__ = [
@@ -42,6 +46,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _at_least(low: float, *, above: bool = False, null: str = "") -> AfterValidator:
+    """Check that a number is finite and >= ``low`` (> with ``above``); ``null`` says what None means."""
+
+    def check(v: Optional[float]) -> Optional[float]:
+        if v is None or (math.isfinite(v) and (v > low if above else v >= low)):
+            return v
+        kind = "an integer" if isinstance(v, int) else "a finite number"
+        raise ValueError(f"must be {kind} {'>' if above else '>='} {low}{f', or null {null}' if null else ''}")
+
+    return AfterValidator(check)
+
+
+_Count = Annotated[int, _at_least(1)]
+_NonNegative = Annotated[float, _at_least(0)]
+_Positive = Annotated[float, _at_least(0, above=True)]
+# The accelerators and precisions lightning_fabric.Fabric accepts.
+_Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
+_Precision = Literal[
+    "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
+    "transformer-engine", "transformer-engine-float16",
+]
+
+
 class ModelConfig(_Strict):
     name: str  # a name from repguide.models.list_models()
     kwargs: dict[str, Any] = Field(default_factory=dict)  # size knobs for its factory
@@ -65,69 +92,71 @@ class GuidanceConfig(_Strict):
     guide_seed: int = 0
     pairs: Union[str, list[list], dict[str, Union[str, list[str]]]] = "stretch"
     measure: str = "cka"
-    weight: float = 1.0
+    weight: _NonNegative = 1.0
     reduction: Literal["flatten", "mean", "tokens"] = "flatten"
     guide_input: Literal["same", "noise"] = "same"
     # Module types used by "stretch": "default" (linear/conv/recurrent/attention) or "all".
     layer_types: Literal["default", "all"] = "default"
-    off_after: Optional[int] = None  # switch guidance off after this many steps (paper: 300)
+    # Switch guidance off after this many steps (paper: 300).
+    off_after: Annotated[Optional[int], _at_least(1, null="to keep guidance on")] = None
     # Guidance-driven initialisation: this many alignment-only steps (no task loss) before plain
     # training; guidance is then off. They come on top of train.epochs / train.max_steps, which
     # count task-training steps, so an init run trains on its task as long as its baseline.
-    init_steps: int = 0
+    init_steps: Annotated[int, _at_least(0)] = 0
     init_input: Literal["noise", "data"] = "noise"
-    temperature: float = 4.0  # distillation temperature
+    temperature: _Positive = 4.0  # distillation temperature
     # Fast modes (benchmarks/README.md gives each one's speed and error); the defaults are exact.
     guide_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 operands for the guide's Grams
-    sketch_dim: Optional[int] = None  # CountSketch activations wider than this before the Gram
+    sketch_dim: Annotated[Optional[int], _at_least(1, null="for no sketch")] = None  # CountSketch activations wider than this before the Gram
     # Keep the guide's (reduced, sketched) features of every training example after its first
     # visit and read them back instead of running the guide; needs guide_input=same and no
     # random augmentation. Memory: training examples × Σ compared guide widths × 4 bytes.
     cache: bool = False
 
-    @field_validator("sketch_dim")
-    @classmethod
-    def _positive(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1 (or null for no sketch)")
-        return v
-
-    @field_validator("weight", "temperature")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
 
 class OptimConfig(_Strict):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
+    lr: _Positive = 1e-3
+    weight_decay: _NonNegative = 0.0
+    momentum: _NonNegative = 0.9  # sgd only
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_epochs: int = 30  # "step": multiply lr by gamma every step_epochs epochs (the official code)
-    gamma: float = 0.1
-    grad_clip: Optional[float] = None  # clip the gradient norm to this value
+    step_epochs: _Count = 30  # "step": multiply lr by gamma every step_epochs epochs (the official code)
+    gamma: _NonNegative = 0.1
+    # Clip the gradient norm to this value (a negative one would reverse the gradient).
+    grad_clip: Annotated[Optional[float], _at_least(0, above=True, null="for no clipping")] = None
 
 
 class TrainConfig(_Strict):
-    epochs: int = 10
-    batch_size: int = 256  # the paper's; CKA's value depends on it
-    max_steps: Optional[int] = None  # stop early after this many optimiser steps
+    epochs: _Count = 10
+    batch_size: _Count = 256  # the paper's; CKA's value depends on it
+    # Stop early after this many optimiser steps.
+    max_steps: Annotated[Optional[int], _at_least(1, null="for the whole schedule")] = None
     seed: int = 0
-    eval_batch_size: int = 512
-    log_every: int = 10  # steps between metric rows
-    checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch end)
+    eval_batch_size: _Count = 512
+    log_every: _Count = 10  # steps between metric rows
+    checkpoint_every: _Count = 200  # steps between checkpoints (and one at every epoch end)
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient
-    accelerator: str = "auto"
-    devices: Union[int, str] = 1
-    num_nodes: int = 1
+    accelerator: _Accelerator = "auto"
+    devices: Union[int, str] = 1  # a count, "auto", or device indices such as "0,1"
+    num_nodes: _Count = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: _Precision = "32-true"
     # local: each rank aligns its own shard of the batch (the paper's minibatch CKA);
     # global: activations are gathered across ranks and aligned on the whole batch.
     alignment: Literal["local", "global"] = "local"
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 1 or isinstance(v, str) and not re.fullmatch(r"auto|-1|\d+(,\d+)*,?", v):
+            raise ValueError("must be an integer >= 1, 'auto', or device indices such as '0,1'")
+        return v
+
+    def world_size(self) -> Optional[int]:
+        """The number of training processes, when the recipe fixes it (an integer count of devices)."""
+        if isinstance(self.devices, int) and self.strategy != "dp":
+            return self.devices * self.num_nodes
+        return None
 
 
 class RunConfig(_Strict):
@@ -147,6 +176,14 @@ class RunConfig(_Strict):
     def _one_folder(cls, v: str) -> str:
         return check_run_name(v)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        """The rules that tie keys to each other and to the registries, one line per broken rule."""
+        problems = _config_rules.problems(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 
@@ -162,10 +199,23 @@ def list_recipes() -> list[str]:
     )
 
 
+def _parse_yaml(text: str, where: str) -> dict:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values (key: value lines), got a {type(raw).__name__}")
+    return raw
+
+
 def _read_recipe(ref: str) -> tuple[dict, str]:
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        return yaml.safe_load(path.read_text()) or {}, path.stem
+        return _parse_yaml(path.read_text(), f"recipe {path}"), path.stem
     shipped = _recipe_dir() / f"{ref}.yaml"
     if not shipped.is_file():
         close = difflib.get_close_matches(ref, list_recipes(), n=3)
@@ -174,7 +224,7 @@ def _read_recipe(ref: str) -> tuple[dict, str]:
             f"no recipe {ref!r}: give a YAML file path or one of the shipped recipes "
             f"(repguide recipes).{hint}"
         )
-    return yaml.safe_load(shipped.read_text()) or {}, ref
+    return _parse_yaml(shipped.read_text(), f"recipe {ref}"), ref
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -222,7 +272,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=3")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
     return out
 
 
@@ -237,7 +290,20 @@ def load_recipe(ref: str, scale: str = "small", overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     raw["scale"] = scale
-    return validate(raw)
+    config = validate(raw)
+    _check_machine(config.train.accelerator)
+    return config
+
+
+def _check_machine(accelerator: str) -> None:
+    """A recipe loaded to run asks for an accelerator this machine has (stored configs are not checked)."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    missing = {"cuda": not cuda, "gpu": not (cuda or mps), "mps": not mps}.get(accelerator, False)
+    if missing:
+        raise ConfigError(
+            f"train.accelerator={accelerator!r}, but torch finds no such device on this machine; "
+            "use train.accelerator=auto (a GPU if there is one, else the CPU) or train.accelerator=cpu"
+        )
 
 
 def validate(raw: dict) -> RunConfig:
@@ -249,6 +315,8 @@ def validate(raw: dict) -> RunConfig:
             where = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
                 lines.append(f"unknown key {where!r}{_key_hint(where)}")
+            elif not where:  # a rule across keys: its message names them and their values
+                lines.append(e["msg"].removeprefix("Value error, "))
             else:
                 msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
                 lines.append(f"{where}: {msg} (got {e.get('input')!r})")

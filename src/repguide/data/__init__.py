@@ -9,6 +9,7 @@ with ``with_index=True`` each item also ends with its position in its dataset. S
 """
 
 from repguide.data._common import (
+    DATASETS,
     DatasetIntegrityError,
     DatasetNotFoundError,
     Splits,
@@ -35,6 +36,7 @@ from repguide.data.text import (
 )
 
 __all__ = [
+    "DATASETS",
     "IGNORE_INDEX",
     "PARITY_PAD",
     "CharTokenizer",

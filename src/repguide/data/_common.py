@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from repguide._registry import Registry
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -83,31 +84,20 @@ def generator(seed: int, *keys: str | int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-_DATASETS: dict[str, Callable[..., Splits]] = {}
+DATASETS: Registry[Callable[..., Splits]] = Registry("data set")
 Factory = TypeVar("Factory", bound=Callable[..., Splits])
 
 
-def register(name: str, **fixed: Any) -> Callable[[Factory], Factory]:
-    """Decorator: make a factory available to :func:`create` as ``name``, with ``fixed`` kwargs bound."""
-
-    def decorator(factory: Factory) -> Factory:
-        if name in _DATASETS:
-            raise ValueError(f"a data set named {name!r} is already registered")
-        _DATASETS[name] = lambda **kwargs: factory(**fixed, **kwargs)
-        return factory
-
-    return decorator
+def register(name: str, **defaults: Any) -> Callable[[Factory], Factory]:
+    """Decorator: make a factory available to :func:`create` as ``name``, with ``defaults`` bound."""
+    return DATASETS.register(name, **defaults)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`create`, sorted."""
-    return sorted(_DATASETS)
+    return DATASETS.list()
 
 
 def create(name: str, **kwargs: Any) -> Splits:
     """Build the data set registered as ``name``; ``kwargs`` go to its factory."""
-    if name not in _DATASETS:
-        close = difflib.get_close_matches(name, list(_DATASETS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}.{hint}")
-    return _DATASETS[name](**kwargs)
+    return DATASETS.get(name).build(**kwargs)

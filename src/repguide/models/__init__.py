@@ -7,7 +7,7 @@ Each model is a plain ``nn.Module`` whose conceptual layers are submodules with 
 names (``blocks.3``, ``layer2.1.conv1``, ``layers.0``), so forward hooks can find them.
 """
 
-from repguide.models._registry import accepted_kwargs, create, list_models, register
+from repguide.models._registry import MODELS, accepted_kwargs, create, list_models, register
 from repguide.models.sequence import (
     ParityRNN,
     ParityTransformer,
@@ -37,6 +37,7 @@ from repguide.models.vision import (
 
 __all__ = [
     "FCN",
+    "MODELS",
     "ParityRNN",
     "ParityTransformer",
     "RecurrentLM",

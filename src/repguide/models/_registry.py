@@ -1,50 +1,49 @@
-"""Name → factory registry for the models in :mod:`repguide.models`."""
+"""Name → (builder, defaults) registry for the models in :mod:`repguide.models`.
+
+A builder is a class or a factory whose keyword arguments are the model's size knobs; one builder can
+serve several names, each with its own defaults (``register("name", builder, **defaults)``).
+
+Knobs filled in from the data. A training run builds its models with
+``repguide.train.build_model``, which passes these keyword arguments from the data set's
+:class:`repguide.data.Splits` when the builder accepts them and the recipe does not set them:
+
+* ``num_classes``: ``Splits.num_classes`` (classes, or the vocabulary for token prediction);
+* ``input_shape``: ``Splits.input_shape``, ``(C, H, W)`` of one image (image data only);
+* ``in_channels``: ``C`` of that shape; ``image_size``: its ``W`` (image data only);
+* ``vocab_size``: ``Splits.vocab_size`` (token data only).
+
+A new model that names its knobs this way is sized to any data set without recipe changes.
+"""
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
+from repguide._registry import Registry
+
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make a model factory available to :func:`create` under ``name``."""
-
-    def decorator(factory: Factory) -> Factory:
-        if name in _MODELS:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _MODELS[name] = factory
-        return factory
-
-    return decorator
+def register(name: str, builder: Callable[..., nn.Module] | None = None, **defaults: Any) -> Any:
+    """Make a model class or factory available to :func:`create` as ``name``, with ``defaults``;
+    without ``builder``, a decorator."""
+    return MODELS.register(name, builder, **defaults)
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create`, sorted."""
-    return sorted(_MODELS)
-
-
-def _factory(name: str) -> Callable[..., nn.Module]:
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.{hint}")
-    return _MODELS[name]
+    return MODELS.list()
 
 
 def create(name: str, **kwargs) -> nn.Module:
-    """Build the model registered as ``name``; ``kwargs`` go to its factory."""
-    return _factory(name)(**kwargs)
+    """Build the model registered as ``name``; ``kwargs`` go to its builder, over the name's defaults."""
+    return MODELS.get(name).build(**kwargs)
 
 
 def accepted_kwargs(name: str) -> frozenset[str]:
-    """The keyword arguments (size knobs) that the factory registered as ``name`` accepts."""
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(_factory(name)).parameters.values()
-    return frozenset(p.name for p in params if p.kind in keyword)
+    """The keyword arguments (size knobs) that the builder registered as ``name`` accepts."""
+    return MODELS.get(name).accepted_kwargs()

@@ -1,0 +1,74 @@
+"""One name → builder registry, shared by the models, the data sets and the similarity measures."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+__all__ = ["Entry", "Registry"]
+
+B = TypeVar("B", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Entry(Generic[B]):
+    """A registered builder (a class or a factory) and the keyword defaults its name binds."""
+
+    builder: B
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **kwargs: Any) -> Any:
+        """The builder called with the name's defaults, overridden by ``kwargs``."""
+        return self.builder(**{**self.defaults, **kwargs})
+
+    def accepted_kwargs(self) -> frozenset[str]:
+        """The keyword arguments the builder takes."""
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = inspect.signature(self.builder).parameters.values()
+        return frozenset(p.name for p in params if p.kind in keyword)
+
+
+class Registry(Generic[B]):
+    """Builders by name, for things of one ``kind`` ("model", "data set", ...), named in errors.
+
+    ``register(name, builder, **defaults)`` adds an entry, or ``@register(name, **defaults)`` on a
+    class or factory; one builder may serve several names with different defaults. ``get(name)``
+    suggests the closest registered name when ``name`` is unknown.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[B]] = {}
+
+    def register(self, name: str, builder: B | None = None, **defaults: Any) -> Any:
+        """Add ``builder`` under ``name``; without ``builder``, a decorator that adds what it decorates."""
+
+        def add(obj: B) -> B:
+            if name in self._entries:
+                raise ValueError(f"a {self.kind} named {name!r} is already registered")
+            self._entries[name] = Entry(obj, dict(defaults))
+            return obj
+
+        return add if builder is None else add(builder)
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a test's temporary entry)."""
+        self.get(name)
+        del self._entries[name]
+
+    def get(self, name: str) -> Entry[B]:
+        """The entry registered as ``name``; an error naming the closest names if there is none."""
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, list(self._entries), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.list())}.{hint}")
+        return self._entries[name]
+
+    def list(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries

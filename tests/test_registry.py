@@ -1,0 +1,50 @@
+"""The one registry helper behind models, data sets and measures."""
+
+import pytest
+
+from repguide._registry import Registry
+
+
+class Box:
+    def __init__(self, size: int = 1, colour: str = "red") -> None:
+        self.size, self.colour = size, colour
+
+
+def test_one_builder_serves_several_names_with_their_own_defaults():
+    reg = Registry("box")
+    reg.register("small_box", Box, size=2)
+    reg.register("big_box", Box, size=9)
+    assert reg.get("small_box").build().size == 2
+    assert reg.get("big_box").build().size == 9
+    assert reg.get("big_box").build(size=3, colour="blue").__dict__ == {"size": 3, "colour": "blue"}
+    assert reg.get("big_box").accepted_kwargs() == {"size", "colour"}
+
+
+def test_register_as_a_decorator_returns_what_it_decorates():
+    reg = Registry("box")
+
+    @reg.register("box", colour="green")
+    def make(size: int = 1, colour: str = "red") -> Box:
+        return Box(size, colour)
+
+    assert make().colour == "red"  # the function itself is unchanged
+    assert reg.get("box").build().colour == "green"
+
+
+def test_unknown_name_suggests_the_closest_and_lists_all():
+    reg = Registry("box")
+    reg.register("small_box", Box)
+    reg.register("big_box", Box)
+    with pytest.raises(ValueError, match=r"^unknown box 'smal_box'; available: big_box, small_box\. Did you mean 'small_box'\?$"):
+        reg.get("smal_box")
+
+
+def test_a_taken_name_is_refused_until_unregistered():
+    reg = Registry("box")
+    reg.register("box", Box)
+    with pytest.raises(ValueError, match="a box named 'box' is already registered"):
+        reg.register("box", Box)
+    reg.unregister("box")
+    assert reg.list() == [] and "box" not in reg
+    reg.register("box", Box)
+    assert reg.list() == ["box"]
