@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from repguide.capture import Capture, _batch_size, _first_tensor, _no_side_effects, discover, reduce
 from repguide.pairing import _select
-from repguide.similarity import Prepared, _safe_div, _safe_sqrt
+from repguide.similarity import Prepared
+from repguide.similarity.base import safe_div as _safe_div, safe_sqrt as _safe_sqrt
 
 __all__ = [
     "ErrorConsistency",
