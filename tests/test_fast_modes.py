@@ -58,6 +58,18 @@ def test_gram_only_input_gives_the_same_similarity_and_gradient(name):
     assert torch.allclose(grad_full, grad_reduced, atol=1e-6)
 
 
+def test_prepare_guide_keeps_features_only_where_a_comparison_reads_them():
+    y = torch.randn(12, 5) @ torch.randn(5, 200)
+    linear, procrustes = get_measure("cka"), get_measure("procrustes")
+    assert linear.prepare_guide(y, [300, 300]).x is None  # the Gram form for both widths
+    assert linear.prepare_guide(y, [300, None]).x is not None  # a width not known yet
+    assert linear.prepare_guide(torch.randn(256, 20), [2]).x is not None  # the feature form
+    assert procrustes.prepare_guide(y, [300]).x is not None
+    assert linear.prepare_guide(y, [300], torch.bfloat16).gram.dtype == torch.float32
+    target = linear.prepare_target(torch.randn(12, 300, dtype=torch.float64), linear.prepare_guide(y, [300]))
+    assert target.dtype == torch.float32  # compared in the guide's precision
+
+
 def _unit(k):
     return k / k.diagonal().amax()
 

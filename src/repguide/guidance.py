@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from repguide.capture import REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
 from repguide.pairing import Pair, PairSpec, resolve_pairs
-from repguide.similarity import Measure, Prepared, get_measure, sketch
+from repguide.similarity import Measure, get_measure, sketch
 
 __all__ = ["Constant", "Guidance", "GuidanceOutput", "GuideFeatureCache", "OffAfter", "WeightSchedule"]
 
@@ -455,21 +455,9 @@ class Guidance(nn.Module):
         if self._guide_float64:
             g = g.double()
         widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            return [self._prepare_guide_input(gi, widths) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
-
-    def _prepare_guide_input(self, g: Tensor, widths: list[int | None]) -> Any:
-        measure = self.measure
         dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
-        gram_only = all(w is not None and not measure.needs_features(g.shape[0], g.shape[1], w) for w in widths)
-        if gram_only and type(measure).prepare is Measure.prepare:
-            return Prepared.gram_only(g, measure.min_n, dtype)
-        p = measure.prepare(g)
-        if isinstance(p, Prepared):  # not a measure registered as a plain function
-            p.matmul_dtype = dtype or p.matmul_dtype
-            if gram_only:
-                p.keep_gram_only()
-        return p
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return [self.measure.prepare_guide(gi, widths, dtype) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
 
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
         if self.sketch_dim is None:
@@ -504,10 +492,7 @@ class Guidance(nn.Module):
 
     def _compare(self, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:
         if key not in prepared:
-            dtype = _prepared_dtype(guide)
-            if (t.dtype == torch.float64) != (dtype == torch.float64):
-                t = t.to(dtype)
-            prepared[key] = self.measure.prepare(t)
+            prepared[key] = self.measure.prepare_target(t, guide)
         return self.measure.compare(prepared[key], guide)
 
     def extra_repr(self) -> str:
@@ -541,12 +526,6 @@ def _noise_like(value: Any, generator: torch.Generator) -> Any:
         return torch.rand(value.shape, generator=generator, device=value.device) < 0.5
     low, high = int(value.min()), int(value.max()) + 1
     return torch.randint(low, high, value.shape, generator=generator, device=value.device, dtype=value.dtype)
-
-
-def _prepared_dtype(prepared: Any) -> torch.dtype:
-    if isinstance(prepared, Prepared):
-        return (prepared.x if prepared.x is not None else prepared.gram).dtype
-    return prepared.dtype
 
 
 def _zero_like_output(output: Any) -> Tensor:

@@ -7,6 +7,7 @@ The conventions every measure follows are in the package docstring (:mod:`repgui
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -145,6 +146,11 @@ class Prepared:
             self._cov = gram_matrix(self.x.T, self.matmul_dtype)
         return self._cov
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it is compared in: float64, or float32 for every other input."""
+        return (self.x if self.x is not None else self.gram).dtype
+
     def keep_gram_only(self) -> None:
         """Build the Gram and drop the (n, d) features, for a measure that needs only the Gram."""
         self.gram
@@ -242,6 +248,33 @@ class Measure:
         """Whether :meth:`compare` reads the features of an (n, d) input compared with an
         (n, d_other) one; if not, its Gram is all it needs (see :meth:`Prepared.keep_gram_only`)."""
         return True
+
+    def prepare_guide(
+        self, x: Tensor, widths: Sequence[int | None], matmul_dtype: torch.dtype | None = None
+    ) -> Prepared:
+        """Prepare ``x: (n, d)``, a frozen input (a guide layer; no gradient), once for comparisons
+        with inputs of the given ``widths`` (None: not known yet).
+
+        Where no comparison reads its features (:meth:`needs_features`), only its Gram is kept, and
+        built by :meth:`Prepared.gram_only` unless :meth:`prepare` is overridden. ``matmul_dtype``
+        (e.g. ``torch.bfloat16``) is the dtype of the operands of its products; None keeps its own.
+        """
+        gram_only = all(w is not None and not self.needs_features(x.shape[0], x.shape[1], w) for w in widths)
+        if gram_only and type(self).prepare is Measure.prepare:
+            return Prepared.gram_only(x, self.min_n, matmul_dtype)
+        p = self.prepare(x)
+        if isinstance(p, Prepared):  # not a measure registered as a plain function
+            p.matmul_dtype = matmul_dtype or p.matmul_dtype
+            if gram_only:
+                p.keep_gram_only()
+        return p
+
+    def prepare_target(self, x: Tensor, guide: Prepared) -> Prepared:
+        """Prepare ``x: (n, d)`` for comparison with ``guide``, made by :meth:`prepare_guide`: in
+        float64 if and only if the guide is."""
+        if (x.dtype == torch.float64) != (guide.dtype == torch.float64):
+            x = x.to(guide.dtype)
+        return self.prepare(x)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         _check_pair(x, y)
