@@ -17,7 +17,7 @@ Conventions shared by every measure:
   collapsed to a constant receives no alignment gradient.
 
 Modules: :mod:`~repguide.similarity.base` (the registry, :class:`Measure`, :class:`Prepared`,
-shared numerics), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA),
+shared numerics), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set),
 :mod:`~repguide.similarity.rsa`, :mod:`~repguide.similarity.procrustes` and
 :mod:`~repguide.similarity.sketching`. A measure is added with :func:`register_measure`.
 """
@@ -31,7 +31,7 @@ from repguide.similarity.base import (
     register_measure,
     similarity,
 )
-from repguide.similarity.kernel_alignment import LinearCKA, RbfCKA, UnbiasedLinearCKA, cka
+from repguide.similarity.kernel_alignment import LinearCKA, MinibatchCKA, RbfCKA, UnbiasedLinearCKA, cka
 from repguide.similarity.procrustes import Procrustes
 from repguide.similarity.rsa import RSA
 from repguide.similarity.sketching import sketch
@@ -39,6 +39,7 @@ from repguide.similarity.sketching import sketch
 __all__ = [
     "LinearCKA",
     "Measure",
+    "MinibatchCKA",
     "Prepared",
     "Procrustes",
     "RSA",
