@@ -225,6 +225,7 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def safe_sqrt(v: Tensor) -> Tensor:
+    """sqrt(v), and 0 where v <= 0, with finite gradients everywhere."""
     ok = v > 0
     return torch.where(ok, torch.where(ok, v, 1.0).sqrt(), 0.0)
 

@@ -170,8 +170,8 @@ def _centred_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _u_centre(k: Tensor) -> Tensor:
     """The U-centred ``k: (n, n)`` (Székely & Rizzo 2014): ``<_u_centre(K), _u_centre(L)>_F`` is
-    :func:`_u_inner` ``(K, L)``, so a stack of U-centred Grams gives every
-    layer pair's HSIC₁ in one matrix product instead of one ``_u_inner`` call per pair."""
+    :func:`_u_inner` ``(K, L)``, so a stack of U-centred Grams gives every layer pair's HSIC₁ in
+    one matrix product instead of one ``_u_inner`` call per pair."""
     n = k.shape[0]
     kt = k.clone().fill_diagonal_(0)
     rows = kt.sum(dim=1, keepdim=True) / (n - 2)
