@@ -24,13 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORKLOADS, check_environment, interleaved, machine, require_cpu, save, table  # noqa: E402
 from bench_step import Runner  # noqa: E402
 
-from repguide.similarity import Prepared, _norm, _safe_div  # noqa: E402
+from repguide.similarity import Prepared  # noqa: E402
+from repguide.similarity.base import safe_div  # noqa: E402
+from repguide.similarity.kernel_alignment import gram_norm  # noqa: E402
 
 
 def _cka_against_gram(t: torch.Tensor, gram: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """LinearCKA.compare in the Gram form, for a target (n, d) against a prepared guide Gram."""
     p = Prepared(t)
-    return _safe_div((p.gram * gram).sum(), _norm(p) * norm)
+    return safe_div((p.gram * gram).sum(), gram_norm(p) * norm)
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
 
     def compare(t, key, guide, prepared):
         if isinstance(guide, Prepared) and guide.x is None and t.requires_grad:
-            return cka_against_gram(t, guide.gram, _norm(guide))
+            return cka_against_gram(t, guide.gram, gram_norm(guide))
         return uncompiled(t, key, guide, prepared)
 
     guidance._compare = compare

@@ -9,7 +9,7 @@ time is divided by the time of the matrix products that form cannot avoid, each 
 * feature form: forward Xᵀ Y, and X's and Y's self-products (n×n Gram or d×d, the smaller);
   backward Y Cᵀ and X's self-product backward.
 
-Goal: ≤ 1.3× in both forms, and the automatic choice (``_use_gram_form``) picks the faster form in
+Goal: ≤ 1.3× in both forms, and the automatic choice (``use_gram_form``) picks the faster form in
 every cell where both can run. Cells are skipped where one call would take more than ~6 s here or
 a d×d matrix would not fit; the table says why.
 
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CUDA, DEVICE, check_environment, interleaved, machine, save, table  # noqa: E402
 
 import repguide.similarity as sim  # noqa: E402
+from repguide.similarity import kernel_alignment  # noqa: E402
 
 NS = (64, 256, 1024, 4096)
 DS = (64, 4096, 65536)
@@ -61,13 +62,13 @@ if CUDA:
 @contextlib.contextmanager
 def forced(form: str | None):
     """Make linear CKA use ``form`` ("gram" or "feature"), or the automatic choice for None."""
-    original = sim._use_gram_form
+    original = kernel_alignment.use_gram_form
     if form is not None:
-        sim._use_gram_form = lambda n, d1, d2: form == "gram"
+        kernel_alignment.use_gram_form = lambda n, d1, d2: form == "gram"
     try:
         yield
     finally:
-        sim._use_gram_form = original
+        kernel_alignment.use_gram_form = original
 
 
 def products(form: str, n: int, d: int) -> tuple[list, list]:
@@ -98,7 +99,7 @@ def macs(form: str, n: int, d: int) -> tuple[float, float]:
 def estimate_seconds(measure: str, form: str | None, n: int, d: int) -> float:
     """Rough seconds of one forward+backward here, from multiply-add counts."""
     if measure in LINEAR:
-        fwd, bwd = macs(form or ("gram" if sim._use_gram_form(n, d, d) else "feature"), n, d)
+        fwd, bwd = macs(form or ("gram" if kernel_alignment.use_gram_form(n, d, d) else "feature"), n, d)
     elif measure == "procrustes":
         k = min(n, d)
         svd = 30 * k**3 * (MAC_PER_S / SVD_MAC_PER_S)  # in GEMM multiply-adds (factor 1 on the CPU)
@@ -122,7 +123,7 @@ def time_cell(n: int, d: int, quick: bool) -> list[dict]:
     x = torch.randn(n, d, device=DEVICE, requires_grad=True)
     y = torch.randn(n, d, device=DEVICE)
     rows, fns, round_s = [], {}, 0.0
-    auto = "gram" if sim._use_gram_form(n, d, d) else "feature"
+    auto = "gram" if kernel_alignment.use_gram_form(n, d, d) else "feature"
     big = sum(macs(auto, n, d)) / MAC_PER_S > BIG_S
     for name in sim.list_measures():
         measure = sim.get_measure(name)

@@ -46,7 +46,7 @@ from _common import (  # noqa: E402
 
 import repguide as rg  # noqa: E402
 from repguide.guidance import GuideFeatureCache  # noqa: E402
-from repguide.similarity import _use_gram_form  # noqa: E402
+from repguide.similarity.kernel_alignment import use_gram_form  # noqa: E402
 
 SKETCH_DIM = 1024
 FULL = "ab"  # workloads with the official-style step, fast modes and memory; the others get R1 only
@@ -155,7 +155,7 @@ def floor_products(guidance: rg.Guidance, x: torch.Tensor) -> list[tuple[str, st
     guide_self = set()
     for pair in guidance.pairs:
         dt, dg = width[pair.target], width[pair.guide]
-        if _use_gram_form(n, dt, dg):
+        if use_gram_form(n, dt, dg):
             self_term("target Gram", dt, True)
             guide_self.add((pair.guide, "guide Gram"))
         else:

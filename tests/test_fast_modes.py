@@ -7,7 +7,8 @@ from torch import nn
 
 import repguide as rg
 from repguide.guidance import GuideFeatureCache
-from repguide.similarity import Prepared, _gram, get_measure, sketch
+from repguide.similarity import Prepared, get_measure, sketch
+from repguide.similarity.base import gram_matrix
 
 from _nets import CountForwards, mlp
 from _nets import cnn as _cnn
@@ -35,8 +36,8 @@ def similarities(guidance, x, **kwargs):
 
 def test_gram_backward_is_the_gradient_of_x_xt():
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: _gram(a, a.dtype), (x,))
-    assert torch.autograd.gradgradcheck(lambda a: _gram(a, a.dtype), (x,))
+    assert torch.autograd.gradcheck(lambda a: gram_matrix(a, a.dtype), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: gram_matrix(a, a.dtype), (x,))
 
 
 @pytest.mark.parametrize("name", ["cka", "cka_unbiased", "cka_rbf", "rsa"])
@@ -55,6 +56,18 @@ def test_gram_only_input_gives_the_same_similarity_and_gradient(name):
     (grad_reduced,) = torch.autograd.grad(reduced, x)
     assert torch.allclose(full, reduced, atol=1e-6)
     assert torch.allclose(grad_full, grad_reduced, atol=1e-6)
+
+
+def test_prepare_guide_keeps_features_only_where_a_comparison_reads_them():
+    y = torch.randn(12, 5) @ torch.randn(5, 200)
+    linear, procrustes = get_measure("cka"), get_measure("procrustes")
+    assert linear.prepare_guide(y, [300, 300]).x is None  # the Gram form for both widths
+    assert linear.prepare_guide(y, [300, None]).x is not None  # a width not known yet
+    assert linear.prepare_guide(torch.randn(256, 20), [2]).x is not None  # the feature form
+    assert procrustes.prepare_guide(y, [300]).x is not None
+    assert linear.prepare_guide(y, [300], torch.bfloat16).gram.dtype == torch.float32
+    target = linear.prepare_target(torch.randn(12, 300, dtype=torch.float64), linear.prepare_guide(y, [300]))
+    assert target.dtype == torch.float32  # compared in the guide's precision
 
 
 def _unit(k):

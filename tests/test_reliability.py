@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repguide import similarity
+from repguide.similarity import base as similarity  # the module that holds the registry
 from repguide.cli import main
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.runs import CheckpointError, RunDir, RunDirError, atomic_save

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from repguide.capture import Capture, _batch_size, _first_tensor, _no_side_effects, discover, reduce
 from repguide.pairing import _select
-from repguide.similarity import Prepared, _safe_div, _safe_sqrt
+from repguide.similarity import MinibatchCKA
 
 __all__ = [
     "ErrorConsistency",
@@ -39,93 +39,6 @@ __all__ = [
 IGNORE_INDEX = -100  # token targets that are not predicted (padding, prompts), as in training
 
 Batch = Any  # a tensor, a tuple/list (*inputs, target), or a dict of keyword inputs
-
-
-# --------------------------------------------------------------------------------------------
-# Minibatch CKA
-
-
-def _centred_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(n, n) Gram matrix of the column-centred ``x: (n, d)`` in ``dtype``; zeros for a constant x.
-
-    Not :attr:`Prepared.gram`: Prepared rescales each input by its own largest entry, which one CKA
-    value is invariant to but a ratio of HSICs summed over batches is not. Prepared still decides
-    what counts as constant, so a constant layer scores 0 here exactly as in every measure.
-    """
-    x = x.reshape(x.shape[0], -1).to(dtype)
-    if Prepared(x, min_n=4).constant:
-        return x.new_zeros(x.shape[0], x.shape[0])
-    xc = x - x.mean(dim=0, keepdim=True)
-    return xc @ xc.T
-
-
-def _u_centre(k: Tensor) -> Tensor:
-    """The U-centred ``k: (n, n)`` (Székely & Rizzo 2014): ``<_u_centre(K), _u_centre(L)>_F`` is
-    :func:`repguide.similarity._u_inner` ``(K, L)``, so a stack of U-centred Grams gives every
-    layer pair's HSIC₁ in one matrix product instead of one ``_u_inner`` call per pair."""
-    n = k.shape[0]
-    kt = k.clone().fill_diagonal_(0)
-    rows = kt.sum(dim=1, keepdim=True) / (n - 2)
-    return (kt - rows - rows.T + kt.sum() / ((n - 1) * (n - 2))).fill_diagonal_(0)
-
-
-class MinibatchCKA:
-    """Linear CKA of every (layer of A, layer of B) pair over a data set, from minibatches.
-
-    Nguyen, Raghu & Kornblith (2021): the unbiased HSIC₁ of Song et al. (2012) is summed over
-    minibatches for every pair and every layer with itself, and only then
-    CKA = mean HSIC₁(K, L) / sqrt(mean HSIC₁(K, K) · mean HSIC₁(L, L)). Each batch's HSIC₁ is an
-    unbiased estimate, so the result approaches the data-set value however small the batches,
-    unlike a mean of per-batch CKA values. With one batch it equals ``cka_unbiased``.
-    A layer that is constant in every batch scores 0 against everything.
-    """
-
-    def __init__(self, num_a: int, num_b: int, dtype: torch.dtype = torch.float64):
-        self.shape, self.dtype = (num_a, num_b), dtype
-        self.xy: Tensor | None = None  # (num_a, num_b) Σ over batches of HSIC₁(K_a, L_b)
-        self.xx: Tensor | None = None  # (num_a,) Σ HSIC₁(K_a, K_a)
-        self.yy: Tensor | None = None  # (num_b,) Σ HSIC₁(L_b, L_b)
-        self.batches = 0
-        self.examples = 0
-
-    def update(self, features_a: Sequence[Tensor], features_b: Sequence[Tensor]) -> None:
-        """Add one minibatch: ``features_a[i]: (n, d_i)`` per layer of A, ``features_b[j]: (n, e_j)``
-        per layer of B, rows the same n >= 4 examples. Passing the same list twice compares a
-        model with itself at the cost of one."""
-        if (len(features_a), len(features_b)) != self.shape:
-            raise ValueError(f"expected {self.shape} layers, got ({len(features_a)}, {len(features_b)})")
-        sizes = {x.shape[0] for x in itertools.chain(features_a, features_b)}
-        if len(sizes) != 1:
-            raise ValueError(f"every layer must hold the same examples; got batch sizes {sorted(sizes)}")
-        n = sizes.pop()
-        if n < 4:
-            raise ValueError(
-                f"a minibatch needs at least 4 examples for the unbiased HSIC, got {n}; "
-                "drop the last, short batch (DataLoader(drop_last=True)) or use larger batches"
-            )
-        device = features_a[0].device
-        scale = n * (n - 3)  # <U(K), U(L)> is n(n-3)·HSIC₁
-
-        def centred(features: Sequence[Tensor]) -> Tensor:  # (layers, n²)
-            return torch.stack([_u_centre(_centred_gram(x.to(device), self.dtype)).flatten() for x in features])
-
-        u_a = centred(features_a)
-        u_b = u_a if features_b is features_a else centred(features_b)
-        xy = u_a @ u_b.T / scale
-        xx = u_a.square().sum(dim=1) / scale
-        yy = xx if u_b is u_a else u_b.square().sum(dim=1) / scale
-        if self.xy is None:
-            self.xy, self.xx, self.yy = xy, xx, yy
-        else:
-            self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
-        self.batches += 1
-        self.examples += n
-
-    def compute(self) -> Tensor:
-        """The ``(num_a, num_b)`` CKA matrix (the mean over batches cancels in the ratio)."""
-        if self.xy is None:
-            raise ValueError("no minibatch was added; the data gave no batches")
-        return _safe_div(self.xy, _safe_sqrt(self.xx)[:, None] * _safe_sqrt(self.yy)[None, :])
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,49 +9,19 @@ import contextlib
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from repguide.capture import REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
 from repguide.pairing import Pair, PairSpec, resolve_pairs
-from repguide.similarity import Measure, Prepared, get_measure, sketch
+from repguide.guidance.guide_cache import GuideFeatureCache
+from repguide.guidance.guide_input import explain_guide_failure, noise_like
+from repguide.guidance.schedules import Constant, Weight
+from repguide.similarity import Measure, get_measure, sketch
 
-__all__ = ["Constant", "Guidance", "GuidanceOutput", "GuideFeatureCache", "OffAfter", "WeightSchedule"]
-
-
-# --------------------------------------------------------------------------------------------
-# Weight schedules
-
-
-class WeightSchedule:
-    """The alignment weight as a function of the training step (steps counted from 0)."""
-
-    def __call__(self, step: int) -> float:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Constant(WeightSchedule):
-    weight: float = 1.0
-
-    def __call__(self, step: int) -> float:
-        return self.weight
-
-
-@dataclass(frozen=True)
-class OffAfter(WeightSchedule):
-    """``weight`` for the first ``steps`` steps, then 0: the paper's guidance stopped after 300 steps."""
-
-    weight: float
-    steps: int
-
-    def __call__(self, step: int) -> float:
-        return self.weight if step < self.steps else 0.0
-
-
-Weight = Union[float, WeightSchedule, Callable[[int], float]]
+__all__ = ["Guidance", "GuidanceOutput"]
 
 
 @dataclass
@@ -70,93 +40,6 @@ class GuidanceOutput:
 
 
 _PRECISIONS = ("fp32", "bf16")
-
-
-class GuideFeatureCache:
-    """The guide's features of every training example, as they are compared (reduced and, with
-    ``sketch_dim``, sketched), so that a guided step reads them instead of running the guide.
-
-    Correct only when an example reaches the guide as the same input every time it is drawn (no
-    random augmentation; ``guide_input="same"``): the guide is frozen and in eval mode, so its
-    features are then a fixed function of the example. The cache fills itself: a batch with an
-    example not cached yet runs the guide and stores the whole batch, so the first epoch costs
-    what it did and the later ones skip the guide. ::
-
-        train_set = repguide.data.create("fashion_mnist", with_index=True).train
-        cache = GuideFeatureCache(len(train_set))
-        guidance = Guidance(target, guide, sketch_dim=1024, guide_cache=cache)
-        for x, y, index in loader:
-            out = guidance(x, guide_index=index)
-
-    Memory: ``num_examples × Σ_layers width`` numbers, width = min(layer width, sketch_dim) under
-    ``reduction="flatten"``; ``dtype=torch.bfloat16`` halves it and rounds the stored features
-    to ~3 significant digits. Features are stored on the device they were computed on unless
-    ``device`` says otherwise (e.g. ``"cpu"`` to keep a GPU's memory free).
-    """
-
-    def __init__(self, num_examples: int, dtype: torch.dtype | None = None, device: Any = None):
-        if num_examples < 1:
-            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
-        self.num_examples = num_examples
-        self.dtype = dtype
-        self.device = device
-        self.features: dict[str, Tensor] = {}  # guide layer → (num_examples, ...) features
-        self.filled: Tensor | None = None  # (num_examples,) bool: which examples are stored
-        self.complete = False
-        self.spec: tuple | None = None  # the layers and settings the features were made with
-
-    def lookup(self, index: Tensor, spec: tuple) -> dict[str, Tensor] | None:
-        """Features of the examples at ``index: (n,)``, or None while any of them is missing."""
-        self._check_spec(spec)
-        if self.filled is None:
-            return None
-        index = torch.as_tensor(index, dtype=torch.long).to(self.filled.device)
-        if not (self.complete or bool(self.filled[index].all())):
-            return None
-        return {name: stored[index] for name, stored in self.features.items()}
-
-    def store(self, index: Tensor, features: Mapping[str, Tensor], spec: tuple) -> None:
-        """Keep ``features`` (``layer → (n, ...)``) as those of the examples at ``index: (n,)``."""
-        self._check_spec(spec)
-        index = torch.as_tensor(index, dtype=torch.long)
-        if index.dim() != 1 or any(len(value) != len(index) for value in features.values()):
-            raise ValueError(
-                f"guide_index must hold one example position per row of the batch; got shape "
-                f"{tuple(index.shape)} for {len(next(iter(features.values())))} rows"
-            )
-        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < self.num_examples:
-            raise ValueError(
-                f"guide_index must lie in [0, {self.num_examples}); got {int(index.min())}..{int(index.max())}"
-            )
-        self.spec = spec
-        for name, value in features.items():
-            stored = self.features.get(name)
-            if stored is None:
-                stored = self.features[name] = value.new_zeros(
-                    (self.num_examples, *value.shape[1:]), dtype=self.dtype or value.dtype,
-                    device=value.device if self.device is None else self.device,
-                )
-            if stored.shape[1:] != value.shape[1:]:
-                raise ValueError(
-                    f"guide layer {name!r} gave features of shape {tuple(value.shape[1:])} per example, "
-                    f"but the cache holds {tuple(stored.shape[1:])}: a cache needs inputs of one shape"
-                )
-            stored[index.to(stored.device)] = value.to(stored.dtype)
-        if self.filled is None:
-            self.filled = torch.zeros(self.num_examples, dtype=torch.bool, device=stored.device)
-        self.filled[index.to(self.filled.device)] = True
-        self.complete = bool(self.filled.all())
-
-    def _check_spec(self, spec: tuple) -> None:
-        if self.spec is not None and spec != self.spec:
-            raise ValueError(
-                f"this cache holds guide features made with (layers, reduction, sketch_dim, sketch_seed) "
-                f"= {self.spec}, not {spec}; use one cache per Guidance configuration"
-            )
-
-    def __repr__(self) -> str:
-        filled = int(self.filled.sum()) if self.filled is not None else 0
-        return f"GuideFeatureCache({filled}/{self.num_examples} examples, layers={list(self.features)})"
 
 
 class Guidance(nn.Module):
@@ -191,15 +74,15 @@ class Guidance(nn.Module):
 
     Fast modes (opt-in; the defaults are exact; measured speed and error: benchmarks/README.md):
         guide_precision: ``"fp32"`` (exact) or ``"bf16"``: the guide's Gram matrices are computed
-            from bf16 operands (fp32 accumulation, result rounded to bf16), about 2× faster on
-            CPUs with bf16 units; the target side stays fp32.
+            from bf16 operands (fp32 accumulation, result rounded to bf16), faster on CPUs with
+            bf16 units; the target side stays fp32.
         sketch_dim: if set, every compared activation (target and guide) wider than this is first
             projected to ``sketch_dim`` features by a fixed, seeded CountSketch
             (:func:`repguide.similarity.sketch`), which keeps its Gram in expectation. The Gram of a
             d-wide layer then costs n²·sketch_dim instead of n²·d. The error grows with the
-            activations' effective rank over ``sketch_dim`` (measured at 1024: similarities
-            within 0.014 for a Deep FCN ← ResNet-18 at batch 256, but 0.085 for whole flattened
-            sequences at batch 64, where it buys nothing anyway). ``sketch_seed`` picks the signs.
+            activations' effective rank over ``sketch_dim``: small for wide conv and linear layers,
+            larger for whole flattened sequences, where it buys little anyway. ``sketch_seed``
+            picks the signs.
         guide_cache: a :class:`GuideFeatureCache`; the call then takes ``guide_index=`` (the
             batch's example positions) and reads the guide's features from the cache instead of
             running the guide, once every example has been seen.
@@ -301,7 +184,7 @@ class Guidance(nn.Module):
         types = "all" if explicit or isinstance(self._pair_spec, Mapping) else self.layer_types
         found = {}
         for role, model, a, k in (("target", self.target, args, kwargs), ("guide", self.guide, g_args, g_kwargs)):
-            with _explain_guide_failure(self.guide_input) if role == "guide" else contextlib.nullcontext():
+            with explain_guide_failure(self.guide_input) if role == "guide" else contextlib.nullcontext():
                 infos = discover(
                     model, *a, types=types, batch_axes=self._batch_axes[role],
                     input_batch_axis=self.input_batch_axis, **k,
@@ -358,7 +241,7 @@ class Guidance(nn.Module):
             first = _first_tensor(list(args))
             generator = torch.Generator(device=first.device if first is not None else "cpu")
             generator.manual_seed(self.noise_seed + step)
-            return tuple(_noise_like(a, generator) for a in args), kwargs
+            return tuple(noise_like(a, generator) for a in args), kwargs
         return self.guide_input(args, kwargs)
 
     def forward(self, *args: Any, guide_index: Tensor | None = None, **kwargs: Any) -> GuidanceOutput:
@@ -428,7 +311,7 @@ class Guidance(nn.Module):
                 "similarity compares the same examples, so both must see the same batch size"
             )
         capture = self._captures["guide"]
-        with capture.record(n) as g_acts, _explain_guide_failure(self.guide_input):
+        with capture.record(n) as g_acts, explain_guide_failure(self.guide_input):
             self._guide_stream = (g_acts, set(), prepare)
             try:
                 self.guide(*g_args, **g_kwargs)
@@ -455,21 +338,9 @@ class Guidance(nn.Module):
         if self._guide_float64:
             g = g.double()
         widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            return [self._prepare_guide_input(gi, widths) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
-
-    def _prepare_guide_input(self, g: Tensor, widths: list[int | None]) -> Any:
-        measure = self.measure
         dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
-        gram_only = all(w is not None and not measure.needs_features(g.shape[0], g.shape[1], w) for w in widths)
-        if gram_only and type(measure).prepare is Measure.prepare:
-            return Prepared.gram_only(g, measure.min_n, dtype)
-        p = measure.prepare(g)
-        if isinstance(p, Prepared):  # not a measure registered as a plain function
-            p.matmul_dtype = dtype or p.matmul_dtype
-            if gram_only:
-                p.keep_gram_only()
-        return p
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return [self.measure.prepare_guide(gi, widths, dtype) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
 
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
         if self.sketch_dim is None:
@@ -504,49 +375,12 @@ class Guidance(nn.Module):
 
     def _compare(self, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:
         if key not in prepared:
-            dtype = _prepared_dtype(guide)
-            if (t.dtype == torch.float64) != (dtype == torch.float64):
-                t = t.to(dtype)
-            prepared[key] = self.measure.prepare(t)
+            prepared[key] = self.measure.prepare_target(t, guide)
         return self.measure.compare(prepared[key], guide)
 
     def extra_repr(self) -> str:
         pairs = "unresolved" if self._pairs is None else f"{len(self._pairs)} pairs"
         return f"measure={self.measure!r}, weight={self.weight!r}, {pairs}, reduction={self.reduction!r}"
-
-
-@contextlib.contextmanager
-def _explain_guide_failure(guide_input: str | Callable):
-    """Re-raise an error from inside the guide's forward as one that says what to change."""
-    try:
-        yield
-    except (RuntimeError, TypeError) as err:
-        given = "the inputs made by guide_input" if callable(guide_input) else "the target's inputs"
-        first_line = str(err).partition("\n")[0]
-        raise ValueError(
-            f"the guide failed on {given} ({type(err).__name__}: {first_line}). "
-            "A guide that expects other inputs (shape, dtype, arguments) needs guide_input= a callable "
-            "(args, kwargs) -> (args, kwargs) that makes them from the target's batch"
-        ) from err
-
-
-def _noise_like(value: Any, generator: torch.Generator) -> Any:
-    """Random values of the same shape and dtype: N(0, 1) for floats, uniform over the observed
-    range for integer tokens (the paper's integer noise)."""
-    if not isinstance(value, Tensor):
-        return value
-    if value.is_floating_point():
-        return torch.randn(value.shape, generator=generator, device=value.device).to(value.dtype)
-    if value.dtype == torch.bool:
-        return torch.rand(value.shape, generator=generator, device=value.device) < 0.5
-    low, high = int(value.min()), int(value.max()) + 1
-    return torch.randint(low, high, value.shape, generator=generator, device=value.device, dtype=value.dtype)
-
-
-def _prepared_dtype(prepared: Any) -> torch.dtype:
-    if isinstance(prepared, Prepared):
-        return (prepared.x if prepared.x is not None else prepared.gram).dtype
-    return prepared.dtype
 
 
 def _zero_like_output(output: Any) -> Tensor:

@@ -1,0 +1,16 @@
+"""Guidance: training a target network with an alignment term to a frozen guide.
+
+:mod:`~repguide.guidance.module` holds the :class:`Guidance` module itself,
+:mod:`~repguide.guidance.schedules` the alignment weight over steps,
+:mod:`~repguide.guidance.guide_cache` the guide-feature cache and
+:mod:`~repguide.guidance.guide_input` what the guide is fed.
+"""
+
+from repguide.guidance.guide_cache import GuideFeatureCache
+from repguide.guidance.guide_input import noise_like
+from repguide.guidance.module import Guidance, GuidanceOutput
+from repguide.guidance.schedules import Constant, OffAfter, Weight, WeightSchedule
+
+_noise_like = noise_like  # the name repguide.train imports
+
+__all__ = ["Constant", "Guidance", "GuidanceOutput", "GuideFeatureCache", "OffAfter", "Weight", "WeightSchedule"]

@@ -1,0 +1,276 @@
+"""Centered kernel alignment: linear CKA with the biased (the paper's) and the unbiased HSIC
+estimator, RBF CKA, and the minibatch accumulator that sums HSIC₁ over batches for a data set.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from repguide.similarity.base import (
+    Measure,
+    Prepared,
+    get_measure,
+    register_measure,
+    safe_div,
+    safe_sqrt,
+    sq_distances,
+    upper_triangle,
+)
+
+__all__ = ["LinearCKA", "MinibatchCKA", "RbfCKA", "UnbiasedLinearCKA", "cka", "gram_norm", "use_gram_form"]
+
+
+def cka(
+    x: Tensor,
+    y: Tensor,
+    estimator: str = "biased",
+    kernel: str = "linear",
+    bandwidth: float = 1.0,
+) -> Tensor:
+    """Centered kernel alignment of ``x: (n, d1)`` and ``y: (n, d2)``.
+
+    ``estimator="biased"`` is the paper's (Kornblith et al. 2019); ``"unbiased"`` uses the unbiased
+    HSIC of Song et al. 2012 (the minibatch CKA of Nguyen et al. 2021) and needs n >= 4.
+    ``kernel="rbf"`` uses a Gaussian kernel with sigma = bandwidth * sqrt(median squared distance).
+    """
+    if estimator not in ("biased", "unbiased"):
+        raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
+    if kernel == "linear":
+        return get_measure("cka" if estimator == "biased" else "cka_unbiased")(x, y)
+    if kernel == "rbf":
+        if estimator != "biased":
+            raise ValueError("kernel='rbf' is implemented with the biased estimator only")
+        return get_measure("cka_rbf", bandwidth=bandwidth)(x, y)
+    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+
+
+def use_gram_form(n: int, d1: int, d2: int) -> bool:
+    """Whether n×n Grams are cheaper than the d1×d2 cross-product form (multiply-add counts)."""
+    gram_cost = n * n * (d1 + d2) + 3 * n * n
+    feature_cost = n * d1 * d2 + min(n * n * d1, n * d1 * d1) + min(n * n * d2, n * d2 * d2)
+    return gram_cost <= feature_cost
+
+
+def _gram_form(px: Prepared, py: Prepared) -> bool:
+    """Whether to compare through the n×n Grams: the cheaper form, or the only one left when an
+    input kept its Gram only (:meth:`Prepared.keep_gram_only`)."""
+    return px.x is None or py.x is None or use_gram_form(px.n, px.d, py.d)
+
+
+def _self_inner(p: Prepared) -> Tensor:
+    """<K, K>_F for K = X Xᵀ, by whichever of the two equal forms is cheaper."""
+    if p._gram is not None or p.n <= p.d:
+        return (p.gram * p.gram).sum()
+    return (p.cov * p.cov).sum()
+
+
+def gram_norm(p: Prepared) -> Tensor:
+    """|K|_F, kept on ``p``: a guide layer shared by several pairs computes it once."""
+    if p._norm is None:
+        p._norm = safe_sqrt(_self_inner(p))
+    return p._norm
+
+
+@register_measure("cka")
+class LinearCKA(Measure):
+    """Linear CKA with the biased HSIC estimator (Kornblith et al. 2019), the paper's choice.
+
+    CKA = <Kc, Lc> / (|Kc| |Lc|) with Kc the centred Gram of x. With centred features this is
+    |XᵀY|² / (|XᵀX| |YᵀY|), so the form with the smaller matrices is used.
+    """
+
+    def needs_features(self, n: int, d: int, d_other: int) -> bool:
+        return not use_gram_form(n, d, d_other)
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        if _gram_form(px, py):
+            cross = (px.gram * py.gram).sum()
+        else:
+            cross = (px.x.T @ py.x).square().sum()
+        return safe_div(cross, gram_norm(px) * gram_norm(py))
+
+
+@register_measure("cka_unbiased")
+class UnbiasedLinearCKA(Measure):
+    """Linear CKA from the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021).
+
+    Written as the inner product of U-centred Grams (Székely & Rizzo 2014), which equals
+    n(n-3)·HSIC₁, so the value is bounded by Cauchy-Schwarz. Needs n >= 4.
+    """
+
+    min_n = 4
+
+    def needs_features(self, n: int, d: int, d_other: int) -> bool:
+        return not use_gram_form(n, d, d_other)
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        n = px.n
+        kx, ky = _self_inner(px), _self_inner(py)
+        if _gram_form(px, py):
+            xy = _u_inner(px.gram, py.gram)
+            xx, yy = _u_inner(px.gram, px.gram), _u_inner(py.gram, py.gram)
+        else:
+            sx, sy = _FeatureSums(px), _FeatureSums(py)
+            xy = sx.u_inner(sy, (px.x.T @ py.x).square().sum())
+            xx, yy = sx.u_inner(sx, kx), sy.u_inner(sy, ky)
+        # A self-term that is rounding noise next to ‖K‖² (e.g. all rows but one identical, where
+        # it is exactly 0) is treated as 0, so the value is 0 instead of noise with huge gradients.
+        tol = 16 * n * torch.finfo(kx.dtype).eps
+        xx = torch.where(xx > tol * kx, xx, torch.zeros_like(xx))
+        yy = torch.where(yy > tol * ky, yy, torch.zeros_like(yy))
+        return safe_div(xy, safe_sqrt(xx) * safe_sqrt(yy))
+
+
+def _u_inner(k: Tensor, l: Tensor) -> Tensor:
+    """n(n-3)·HSIC₁(K, L) from two (n, n) Grams: tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1."""
+    n = k.shape[0]
+    kt = k - torch.diag_embed(k.diagonal())
+    lt = l - torch.diag_embed(l.diagonal())
+    rk, rl = kt.sum(dim=1), lt.sum(dim=1)
+    return (kt * lt).sum() + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl)
+
+
+class _FeatureSums:
+    """The O(n·d) quantities HSIC₁ needs besides ‖XᵀY‖², for the feature (d1×d2) form."""
+
+    def __init__(self, p: Prepared):
+        self.n = p.n
+        self.diag = p.x.square().sum(dim=1)  # K_ii
+        # Row sums of K̃ = X (Xᵀ1) - K_ii; with centred features Xᵀ1 = 0, but keep it exact.
+        self.rows = p.x @ p.x.sum(dim=0) - self.diag
+        self.total = self.rows.sum()
+
+    def u_inner(self, other: "_FeatureSums", cross: Tensor) -> Tensor:
+        n = self.n
+        trace = cross - (self.diag * other.diag).sum()
+        return (
+            trace
+            + self.total * other.total / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (self.rows @ other.rows)
+        )
+
+
+def _centred_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(n, n) Gram matrix of the column-centred ``x: (n, d)`` in ``dtype``; zeros for a constant x.
+
+    Not :attr:`Prepared.gram`: Prepared rescales each input by its own largest entry, which one CKA
+    value is invariant to but a ratio of HSICs summed over batches is not. Prepared still decides
+    what counts as constant, so a constant layer scores 0 here exactly as in every measure.
+    """
+    x = x.reshape(x.shape[0], -1).to(dtype)
+    if Prepared(x, min_n=4).constant:
+        return x.new_zeros(x.shape[0], x.shape[0])
+    xc = x - x.mean(dim=0, keepdim=True)
+    return xc @ xc.T
+
+
+def _u_centre(k: Tensor) -> Tensor:
+    """The U-centred ``k: (n, n)`` (Székely & Rizzo 2014): ``<_u_centre(K), _u_centre(L)>_F`` is
+    :func:`_u_inner` ``(K, L)``, so a stack of U-centred Grams gives every layer pair's HSIC₁ in
+    one matrix product instead of one ``_u_inner`` call per pair."""
+    n = k.shape[0]
+    kt = k.clone().fill_diagonal_(0)
+    rows = kt.sum(dim=1, keepdim=True) / (n - 2)
+    return (kt - rows - rows.T + kt.sum() / ((n - 1) * (n - 2))).fill_diagonal_(0)
+
+
+class MinibatchCKA:
+    """Linear CKA of every (layer of A, layer of B) pair over a data set, from minibatches.
+
+    Nguyen, Raghu & Kornblith (2021): the unbiased HSIC₁ of Song et al. (2012) is summed over
+    minibatches for every pair and every layer with itself, and only then
+    CKA = mean HSIC₁(K, L) / sqrt(mean HSIC₁(K, K) · mean HSIC₁(L, L)). Each batch's HSIC₁ is an
+    unbiased estimate, so the result approaches the data-set value however small the batches,
+    unlike a mean of per-batch CKA values. With one batch it equals ``cka_unbiased``.
+    A layer that is constant in every batch scores 0 against everything.
+    """
+
+    def __init__(self, num_a: int, num_b: int, dtype: torch.dtype = torch.float64):
+        self.shape, self.dtype = (num_a, num_b), dtype
+        self.xy: Tensor | None = None  # (num_a, num_b) Σ over batches of HSIC₁(K_a, L_b)
+        self.xx: Tensor | None = None  # (num_a,) Σ HSIC₁(K_a, K_a)
+        self.yy: Tensor | None = None  # (num_b,) Σ HSIC₁(L_b, L_b)
+        self.batches = 0
+        self.examples = 0
+
+    def update(self, features_a: Sequence[Tensor], features_b: Sequence[Tensor]) -> None:
+        """Add one minibatch: ``features_a[i]: (n, d_i)`` per layer of A, ``features_b[j]: (n, e_j)``
+        per layer of B, rows the same n >= 4 examples. Passing the same list twice compares a
+        model with itself at the cost of one."""
+        if (len(features_a), len(features_b)) != self.shape:
+            raise ValueError(f"expected {self.shape} layers, got ({len(features_a)}, {len(features_b)})")
+        sizes = {x.shape[0] for x in itertools.chain(features_a, features_b)}
+        if len(sizes) != 1:
+            raise ValueError(f"every layer must hold the same examples; got batch sizes {sorted(sizes)}")
+        n = sizes.pop()
+        if n < 4:
+            raise ValueError(
+                f"a minibatch needs at least 4 examples for the unbiased HSIC, got {n}; "
+                "drop the last, short batch (DataLoader(drop_last=True)) or use larger batches"
+            )
+        device = features_a[0].device
+        scale = n * (n - 3)  # <U(K), U(L)> is n(n-3)·HSIC₁
+
+        def centred(features: Sequence[Tensor]) -> Tensor:  # (layers, n²)
+            return torch.stack([_u_centre(_centred_gram(x.to(device), self.dtype)).flatten() for x in features])
+
+        u_a = centred(features_a)
+        u_b = u_a if features_b is features_a else centred(features_b)
+        xy = u_a @ u_b.T / scale
+        xx = u_a.square().sum(dim=1) / scale
+        yy = xx if u_b is u_a else u_b.square().sum(dim=1) / scale
+        if self.xy is None:
+            self.xy, self.xx, self.yy = xy, xx, yy
+        else:
+            self.xy, self.xx, self.yy = self.xy + xy, self.xx + xx, self.yy + yy
+        self.batches += 1
+        self.examples += n
+
+    def compute(self) -> Tensor:
+        """The ``(num_a, num_b)`` CKA matrix (the mean over batches cancels in the ratio)."""
+        if self.xy is None:
+            raise ValueError("no minibatch was added; the data gave no batches")
+        return safe_div(self.xy, safe_sqrt(self.xx)[:, None] * safe_sqrt(self.yy)[None, :])
+
+
+def _double_centre(k: Tensor) -> Tensor:
+    """H K H in O(n²): subtract row and column means, add back the grand mean."""
+    return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+
+
+@register_measure("cka_rbf")
+class RbfCKA(Measure):
+    """CKA with Gaussian kernels, sigma² = bandwidth² · median off-diagonal squared distance.
+
+    The median is the lower middle value for an even count (torch.median); it is not detached,
+    so gradients are exact almost everywhere.
+    """
+
+    def __init__(self, bandwidth: float = 1.0):
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        self.bandwidth = bandwidth
+
+    def needs_features(self, n: int, d: int, d_other: int) -> bool:
+        return False
+
+    def _centred_kernel(self, p: Prepared) -> Tensor:
+        d = sq_distances(p)
+        med = upper_triangle(d).median()
+        sigma2 = self.bandwidth**2 * torch.where(med > 0, med, torch.ones_like(med))
+        return _double_centre(torch.exp(-d / (2 * sigma2)))
+
+    def compare(self, px: Prepared, py: Prepared) -> Tensor:
+        kx, ky = self._centred_kernel(px), self._centred_kernel(py)
+        num = (kx * ky).sum()
+        den = safe_sqrt((kx * kx).sum()) * safe_sqrt((ky * ky).sum())
+        # A constant input has all-zero distances: its centred kernel vanishes to rounding only.
+        value = safe_div(num, den)
+        return torch.where(px.constant | py.constant, torch.zeros_like(value), value)
+
+    def __repr__(self) -> str:
+        return f"RbfCKA(bandwidth={self.bandwidth})"

@@ -1,0 +1,41 @@
+"""A fixed random projection that keeps inner products, to make wide layers' Grams cheaper."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["sketch"]
+
+
+def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
+    """A fixed random projection of ``x: (..., d)`` to ``(..., dim)`` that keeps inner products.
+
+    A CountSketch (Charikar et al. 2002), i.e. a sparse Johnson-Lindenstrauss map: feature j is
+    added, with a random sign, to bucket j mod dim. Then ``sketch(x) @ sketch(y).T`` is an unbiased
+    estimate of ``x @ y.T``, so every Gram-based measure sees an approximate Gram; its error grows
+    with the effective rank of the Gram over ``dim`` (about sqrt(2 / dim) of |x||y| per entry for
+    random features, far less for real activations). The interleaved partition costs two passes
+    over x where a random one needs a slower gather, and was as accurate as a random one on conv and
+    linear activations (benchmarks/README.md, idea 16). O(n·d), where the Gram it shrinks costs
+    O(n²·d); differentiable.
+    The signs depend only on (d, seed), so a layer is projected the same way at every step.
+    Inputs with ``d <= dim`` are returned as they are.
+    """
+    d = x.shape[-1]
+    if d <= dim:
+        return x
+    signed = x * _signs(d, seed, x.device).to(x.dtype)
+    whole = d // dim * dim
+    out = signed[..., :whole].unflatten(-1, (d // dim, dim)).sum(-2)
+    if whole < d:
+        out[..., : d - whole] += signed[..., whole:]
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _signs(d: int, seed: int, device: torch.device) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (d,), generator=generator).float() * 2 - 1).to(device)
