@@ -27,7 +27,8 @@ from repguide import Guidance
 from repguide import data as datasets
 from repguide.config import load_recipe, parse_overrides
 from repguide.runs import load_weights, read_metrics
-from repguide.train import build_model, gather_batches, step_seed, train
+from repguide.build import build_model
+from repguide.train import gather_batches, step_seed, train
 
 WORLD = 2
 BATCH = 12  # 6 per rank

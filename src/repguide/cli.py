@@ -42,7 +42,7 @@ def _layers(args: argparse.Namespace) -> int:
     from repguide import data, models
     from repguide.capture import discover
     from repguide.config import ModelConfig, parse_overrides
-    from repguide.train import build_model
+    from repguide.build import build_model
 
     splits = data.create(args.data, **parse_overrides(args.data_kwargs))
     model = build_model(ModelConfig(name=args.model, kwargs=parse_overrides(args.kwargs)), splits, 0)
@@ -91,7 +91,7 @@ def _eval_splits(args: argparse.Namespace):
     from pathlib import Path
 
     from repguide import data
-    from repguide.analysis import run_config
+    from repguide.build import run_config
     from repguide.config import parse_overrides
 
     if args.data is not None:
@@ -105,7 +105,7 @@ def _eval_splits(args: argparse.Namespace):
 
 
 def _two_models(args: argparse.Namespace):
-    from repguide.analysis import load_model
+    from repguide.build import load_model
     from repguide.config import parse_overrides
 
     splits = _eval_splits(args)

@@ -135,9 +135,9 @@ def plot_alignment(
     ``split``. Writes ``alignment_start.csv``, ``alignment_end.csv`` and ``alignment.png`` (both
     heatmaps; the guided pairs outlined in red). ``reduction``: default the run's own."""
     from repguide import data as datasets
-    from repguide.analysis import compare, load_model, ordered_batches, run_config
+    from repguide.analysis import compare, ordered_batches
+    from repguide.build import load_guide, load_model, run_config
     from repguide.capture import layers
-    from repguide.train import _load_guide
 
     run_dir = Path(run_dir)
     config = run_config(run_dir)
@@ -148,7 +148,7 @@ def plot_alignment(
         raise ValueError("the run aligned per token; give reduction 'flatten' or 'mean' for the heatmaps")
     splits = datasets.create(config.data.name, **config.data.kwargs)
     dataset = getattr(splits, split)
-    guide = _load_guide(config, splits, run_dir.parent)
+    guide = load_guide(config, splits, run_dir.parent)
     start, end = load_model(run_dir, splits, weights="init"), load_model(run_dir, splits)
     pairs = _guided_pairs(run_dir)
     *example, _ = dataset.batch(torch.arange(min(8, len(dataset))))
@@ -173,7 +173,7 @@ def plot_alignment(
 def report_run(run_dir: str | Path, **alignment) -> list[Path]:
     """Every plot of a finished run: :func:`plot_run`'s curves and per-pair similarity over
     training, and for a guided run :func:`plot_alignment`'s start and end heatmaps."""
-    from repguide.analysis import run_config
+    from repguide.build import run_config
 
     written = plot_run(run_dir)
     if run_config(run_dir).guidance.mode == "guide":

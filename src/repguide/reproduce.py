@@ -366,7 +366,8 @@ def consistency(a: str, b: str, seeds: int, runs_dir: Path, hits: dict | None = 
     """κ between the test-set errors of runs ``a_s<k>`` and ``b_s<k>``, one value per seed both
     finished. ``hits``: a dict that keeps each run's per-example correctness for the next call."""
     from repguide import data
-    from repguide.analysis import correct, error_consistency, load_model, ordered_batches
+    from repguide.analysis import correct, error_consistency, ordered_batches
+    from repguide.build import load_model
 
     stat = Stat()
     for seed in range(seeds):

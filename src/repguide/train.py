@@ -7,7 +7,6 @@ checkpoint takes exactly the steps an uninterrupted run takes.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repguide import data as datasets
-from repguide import models
+from repguide.build import build_model, first_mismatch, load_guide, weights_hash
 from repguide.capture import _first_tensor
 from repguide.config import RunConfig, upgrade
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, _noise_like
@@ -79,41 +78,6 @@ def distillation_loss(student: Any, teacher: Any, y: Tensor, temperature: float)
     log_p = F.log_softmax(s / temperature, dim=-1)
     log_q = F.log_softmax(t / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
-
-
-def build_model(spec, splits: datasets.Splits, seed: int) -> nn.Module:
-    """A model from the registry, sized to the data (classes, vocabulary, image shape)."""
-    kwargs = dict(spec.kwargs)
-    defaults = {"num_classes": splits.num_classes}
-    if splits.input_shape is not None:
-        defaults["input_shape"] = splits.input_shape
-        defaults["in_channels"] = splits.input_shape[0]
-        defaults["image_size"] = splits.input_shape[-1]
-    if splits.vocab_size is not None:
-        defaults["vocab_size"] = splits.vocab_size
-    accepted = models.accepted_kwargs(spec.name)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"model {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
-            f"{', '.join(sorted(accepted))}.{hint}"
-        )
-    for key, value in defaults.items():
-        if key in accepted and key not in kwargs:
-            kwargs[key] = value
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return models.create(spec.name, **kwargs)
-
-
-def _weights_hash(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -245,43 +209,13 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _load_guide(config: RunConfig, splits, runs_dir: Path) -> nn.Module:
-    gc = config.guidance
-    if gc.guide is None:
-        raise ValueError(f"guidance.mode={gc.mode!r} needs guidance.guide (a model name and kwargs)")
-    guide = build_model(gc.guide, splits, gc.guide_seed)
-    if gc.guide_run is not None:
-        path = Path(gc.guide_run)
-        weights = path if path.suffix in (".pt", ".ckpt") else (runs_dir / gc.guide_run / "final.pt" if not path.is_dir() else path / "final.pt")
-        if not weights.is_file():
-            raise CheckpointError(
-                f"trained guide {gc.guide_run!r}: no weights at {weights}; train it first "
-                f"(repguide run {gc.guide_run} --scale {config.scale}) or point guidance.guide_run at a final.pt"
-            )
-        try:
-            guide.load_state_dict(load_weights(weights))
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{weights} does not fit the guide {gc.guide.name} {gc.guide.kwargs} ({_first_mismatch(err)}); "
-                "point guidance.guide_run at weights of this guide, or set guidance.guide to the model that wrote them"
-            ) from None
-    return guide
-
-
-def _first_mismatch(err: RuntimeError) -> str:
-    """The first specific line of a load_state_dict error (its first line only names the class)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    line = lines[1] if len(lines) > 1 else (lines or [""])[0]
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
 def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, rank: int, world: int) -> dict:
     tc, gc, oc = config.train, config.guidance, config.optim
     started = time.time()
     splits = datasets.create(config.data.name, **config.data.kwargs)
     target = build_model(config.model, splits, tc.seed)
-    guide = _load_guide(config, splits, run.path.parent) if gc.mode != "none" else None
-    guide_hash = _weights_hash(guide) if guide is not None else None
+    guide = load_guide(config, splits, run.path.parent) if gc.mode != "none" else None
+    guide_hash = weights_hash(guide) if guide is not None else None
 
     train_set = splits.train
     steps_per_epoch = len(train_set) // tc.batch_size
@@ -358,7 +292,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
             model.load_state_dict(state["target"])
         except RuntimeError as err:
             raise CheckpointError(
-                f"the checkpoint in {run.path} is from another model ({_first_mismatch(err)}); resume with "
+                f"the checkpoint in {run.path} is from another model ({first_mismatch(err)}); resume with "
                 "the recipe and overrides that wrote it, or start again with --overwrite"
             ) from None
         optimizer.load_state_dict(state["optimizer"])
@@ -418,7 +352,7 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
     }
     if guide is not None:
         summary["guide_weights_sha256_before"] = guide_hash
-        summary["guide_weights_sha256_after"] = _weights_hash(guide)
+        summary["guide_weights_sha256_after"] = weights_hash(guide)
         summary["guide_unchanged"] = summary["guide_weights_sha256_before"] == summary["guide_weights_sha256_after"]
         if not summary["guide_unchanged"]:
             raise RuntimeError("the guide's weights changed during training; this is a bug in repguide")
