@@ -53,6 +53,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
+def update_plots(run_dir: str | Path) -> list[Path]:
+    """:func:`plot_run` after training, unless each of the run's plots is there and no older than its
+    ``summary.json``: draws a new run's plots, redraws those of a run trained further, and draws
+    what a run killed while plotting left out; a finished run resumed again keeps its plots."""
+    run_dir = Path(run_dir)
+    plots = [run_dir / "curves.png"] + ([run_dir / "similarity.png"] if _guided_pairs(run_dir) else [])
+    finished = (run_dir / "summary.json").stat().st_mtime_ns
+    if all(p.is_file() and p.stat().st_mtime_ns >= finished for p in plots):
+        return []
+    return plot_run(run_dir)
+
+
 def plot_claim(claim, stats: dict, path: str | Path) -> Path:
     """Bar chart of one claim's rows: mean ± std over seeds, each seed as a dot."""
     path = Path(path)

@@ -1,4 +1,5 @@
 """The training loop, on Lightning Fabric (devices, DDP, precision); every step is written out here.
+Its callers draw the plots of a finished run (:func:`repguide.report.update_plots`).
 
 Reproducibility: the data order of epoch e is a permutation drawn from (seed, e), and the global RNG
 (dropout) is re-seeded from (seed, step, rank) before every step, so a run resumed from a
@@ -159,13 +160,7 @@ def train(
         # Nothing left to train: keep the results as they are (extend a run by raising train.epochs).
         if rank == 0:
             run.open(resume=True, overwrite=False)  # takes over the lock of a run killed at its very end
-            try:
-                if not (run.path / "curves.png").exists():  # killed while plotting
-                    from repguide.report import plot_run
-
-                    plot_run(run.path)
-            finally:
-                run.close()
+            run.close()
         fabric.print(f"{run.path} already finished with this config; nothing to resume")
         fabric.barrier()
         return json.loads((run.path / "summary.json").read_text())
@@ -176,7 +171,7 @@ def train(
             run.close()
             raise CheckpointError(
                 f"cannot resume {run.path}: its config differs from this one in "
-                f"{', '.join(_diff_keys(_essential(previous), _essential(resolved)))}; resume with the same "
+                f"{', '.join(diff_keys(_essential(previous), _essential(resolved)))}; resume with the same "
                 "recipe and overrides, or start a new run (another name, or --overwrite)"
             )
         run.write_config(resolved)
@@ -199,11 +194,12 @@ def _essential(cfg: dict) -> dict:
     return cfg
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts."""
     keys = []
     for k in sorted(set(a) | set(b)):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+            keys += diff_keys(a[k], b[k], f"{prefix}{k}.")
         elif a.get(k) != b.get(k):
             keys.append(f"{prefix}{k}")
     return keys
@@ -362,9 +358,6 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool, ra
 
         atomic_save(model.state_dict(), run.path / "final.pt")
         run.write_summary(summary)
-        from repguide.report import plot_run
-
-        plot_run(run.path)
     fabric.barrier()
     return summary
 
