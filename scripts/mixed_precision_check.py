@@ -28,7 +28,7 @@ from repguide import data as datasets
 from repguide.build import build_model, load_guide
 from repguide.config import load_recipe, parse_overrides
 from repguide.guidance import Guidance
-from repguide.train import step_seed, task_loss
+from repguide.steps import step_seed, task_loss
 
 
 def guided_step(config, **fabric_args) -> dict:

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "command", None) == "reproduce" and args.runs_dir is None:
         args.runs_dir = f"runs/reproduce-{args.scale}"
     from repguide.runs import CheckpointError, RunDirError
-    from repguide.train import NonFiniteError
+    from repguide.steps import NonFiniteError
 
     # Errors about the user's input or files: a message and exit status 2, no traceback.
     user_errors = (ValueError, FileNotFoundError, RunDirError, CheckpointError, NonFiniteError)
