@@ -25,9 +25,10 @@ from lightning_fabric import Fabric
 from lightning_fabric.plugins.precision.amp import MixedPrecision
 
 from repguide import data as datasets
+from repguide.build import build_model, load_guide
 from repguide.config import load_recipe, parse_overrides
 from repguide.guidance import Guidance
-from repguide.train import _load_guide, build_model, step_seed, task_loss
+from repguide.steps import step_seed, task_loss
 
 
 def guided_step(config, **fabric_args) -> dict:
@@ -36,7 +37,7 @@ def guided_step(config, **fabric_args) -> dict:
     tc, gc = config.train, config.guidance
     splits = datasets.create(config.data.name, **config.data.kwargs)
     target = build_model(config.model, splits, tc.seed)
-    guide = _load_guide(config, splits, Path("runs"))
+    guide = load_guide(config, splits, Path("runs"))
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(step_seed(tc.seed, 0)))
     *inputs, y = splits.train.batch(order[: tc.batch_size])
     pairs = [tuple(p) for p in gc.pairs] if isinstance(gc.pairs, list) else gc.pairs

@@ -20,9 +20,9 @@ from repguide.analysis import (
     compare,
     correct,
     error_consistency,
-    load_model,
     ordered_batches,
 )
+from repguide.build import load_model
 from repguide.cli import main
 from repguide.similarity import get_measure
 
@@ -305,9 +305,8 @@ def test_load_model_builds_a_registry_name_from_its_seed():
 
 
 def test_load_model_reads_a_run_folder_its_checkpoints_and_its_initial_weights(guided_run):
-    from repguide.analysis import run_config
+    from repguide.build import build_model, run_config
     from repguide.runs import load_weights
-    from repguide.train import build_model
 
     splits = copy_splits()
     config = run_config(guided_run)

@@ -27,7 +27,9 @@ from repguide import Guidance
 from repguide import data as datasets
 from repguide.config import load_recipe, parse_overrides
 from repguide.runs import load_weights, read_metrics
-from repguide.train import build_model, gather_batches, step_seed, train
+from repguide.build import build_model
+from repguide.steps import step_seed
+from repguide.train import gather_batches, train
 
 WORLD = 2
 BATCH = 12  # 6 per rank
@@ -146,7 +148,7 @@ DRIVER = textwrap.dedent(
     import hashlib, os, sys
     from pathlib import Path
     import torch, torch.distributed as dist
-    from repguide import cli, guidance, report, runs, train
+    from repguide import cli, guidance, report, runs, steps, train
 
     out = Path(os.environ["REPGUIDE_TEST_OUT"])
 
@@ -183,14 +185,14 @@ DRIVER = textwrap.dedent(
         return g_args, g_kwargs
     guidance.Guidance._guide_inputs = guide_inputs_noted
 
-    task_loss = train.task_loss
+    task_loss = steps.task_loss
     def task_loss_nan_once(output, y):  # REPGUIDE_TEST_NAN="rank i": NaN at that rank's i-th step (from 0)
         loss = task_loss(output, y)
         nan_rank, nan_step = map(int, os.environ.get("REPGUIDE_TEST_NAN", "-1 -1").split())
         train_step = getattr(task_loss_nan_once, "calls", 0)
         task_loss_nan_once.calls = train_step + 1
         return loss * float("nan") if (rank(), train_step) == (nan_rank, nan_step) else loss
-    train.task_loss = task_loss_nan_once
+    steps.task_loss = task_loss_nan_once
 
     sys.exit(cli.main())
     """
@@ -335,7 +337,7 @@ def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping_the_run():
     from lightning_fabric.plugins.precision.amp import MixedPrecision
 
     from repguide.config import GuidanceConfig, TrainConfig
-    from repguide.train import _step
+    from repguide.steps import StepContext, train_step
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # overflows fp16 at any gradient
     fabric = Fabric(accelerator="cpu", devices=1, plugins=MixedPrecision("16-mixed", "cpu", scaler=scaler))
@@ -345,8 +347,8 @@ def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping_the_run():
     for grad_clip in (None, 1.0):
         before = [p.detach().clone() for p in model.parameters()]
         scale = scaler.get_scale()
-        row = _step(fabric, model, None, None, optimizer, [x], y, GuidanceConfig(),
-                    TrainConfig(nonfinite="stop"), grad_clip, 0)
+        ctx = StepContext(fabric, model, optimizer, GuidanceConfig(), TrainConfig(nonfinite="stop"), grad_clip)
+        row = train_step(ctx, [x], y, 0)
         assert row["loss"] == row["loss"]  # a finite loss: the step was taken, its update skipped
         assert scaler.get_scale() == scale / 2
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -408,7 +408,7 @@ def test_a_nonfinite_gradient_stops_the_run_naming_the_parameter(tmp_path, capsy
 def test_the_guide_weights_are_bitwise_unchanged_by_a_run(reference):
     from repguide import data
     from repguide.config import load_recipe
-    from repguide.train import _weights_hash, build_model
+    from repguide.build import build_model, weights_hash
 
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["guide_unchanged"] is True
@@ -416,4 +416,4 @@ def test_the_guide_weights_are_bitwise_unchanged_by_a_run(reference):
     config = load_recipe(RECIPE, "tiny")  # the guide is rebuilt from its seed, independently of the run
     splits = data.create(config.data.name, **config.data.kwargs)
     guide = build_model(config.guidance.guide, splits, config.guidance.guide_seed)
-    assert _weights_hash(guide) == summary["guide_weights_sha256_after"]
+    assert weights_hash(guide) == summary["guide_weights_sha256_after"]

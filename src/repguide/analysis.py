@@ -30,9 +30,7 @@ __all__ = [
     "compare",
     "correct",
     "error_consistency",
-    "load_model",
     "ordered_batches",
-    "run_config",
     "split_batch",
 ]
 
@@ -294,72 +292,3 @@ def correct(model: nn.Module, batches: Iterable[Sequence[Tensor]]) -> Tensor:
     if not out:
         raise ValueError("correct needs at least one batch; the data gave none")
     return torch.cat(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Models by reference: a registry name, a run folder or a checkpoint
-
-
-def load_model(
-    ref: str | Path,
-    splits,
-    *,
-    seed: int = 0,
-    kwargs: Mapping[str, Any] | None = None,
-    weights: str = "final",
-) -> nn.Module:
-    """The model ``ref`` names, sized to ``splits`` (a :class:`repguide.data.Splits`):
-
-    * a registry name (``"resnet18"``): untrained, from ``seed``, with the size knobs ``kwargs``;
-    * ``"NAME:PATH"``: that model with the weights at PATH (a state dict or a run checkpoint);
-    * a run folder (``runs/<name>``): its config's model with its ``final.pt``, or with
-      ``weights="init"`` its initial weights (rebuilt from the run's seed);
-    * a ``final.pt`` / ``.ckpt`` file in a run folder: that run's model with those weights.
-    """
-    from repguide.config import ModelConfig
-    from repguide.models import list_models
-    from repguide.runs import CheckpointError, load_weights
-    from repguide.train import build_model
-
-    if weights not in ("final", "init"):
-        raise ValueError(f"weights must be 'final' or 'init', got {weights!r}")
-    path = Path(ref)
-    if path.is_dir() or path.is_file():
-        run_dir = path if path.is_dir() else path.parent
-        config = run_config(run_dir)
-        model = build_model(config.model, splits, config.train.seed)
-        if weights == "init":
-            return model
-        file = path / "final.pt" if path.is_dir() else path
-        if not file.is_file():
-            raise CheckpointError(f"{run_dir} has no final.pt: the run has not finished (or give a .ckpt)")
-    else:
-        name, _, file = str(ref).partition(":")
-        if name not in list_models():
-            raise ValueError(
-                f"{str(ref)!r} is neither a run folder, a weights file, nor a model name "
-                f"({', '.join(list_models())}), optionally as NAME:PATH-TO-WEIGHTS"
-            )
-        model = build_model(ModelConfig(name=name, kwargs=dict(kwargs or {})), splits, seed)
-        if not file:
-            return model
-    state = load_weights(file)
-    if "target" in state and "optimizer" in state:  # a training checkpoint, not a bare state dict
-        state = state["target"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{file} does not fit {ref}: {str(err).splitlines()[0]}") from None
-    return model
-
-
-def run_config(run_dir: str | Path):
-    """The validated :class:`repguide.config.RunConfig` a run folder was trained with."""
-    import yaml
-
-    from repguide.config import validate
-
-    file = Path(run_dir) / "config.yaml"
-    if not file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
-    return validate(yaml.safe_load(file.read_text()))

@@ -16,13 +16,14 @@ DEMO_RUNS = [
 
 def _run(args: argparse.Namespace) -> int:
     from repguide.config import load_recipe, parse_overrides
+    from repguide.report import update_plots
+    from repguide.runs import RunDir, is_main_process
     from repguide.train import train
 
     config = load_recipe(args.recipe, args.scale, parse_overrides(args.overrides))
     summary = train(config, args.runs_dir, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:  # one summary, not one per process
+    if is_main_process():  # one set of plots and one summary, not one per process
+        update_plots(RunDir(args.runs_dir, config.name).path)
         print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
@@ -42,7 +43,7 @@ def _layers(args: argparse.Namespace) -> int:
     from repguide import data, models
     from repguide.capture import discover
     from repguide.config import ModelConfig, parse_overrides
-    from repguide.train import build_model
+    from repguide.build import build_model
 
     splits = data.create(args.data, **parse_overrides(args.data_kwargs))
     model = build_model(ModelConfig(name=args.model, kwargs=parse_overrides(args.kwargs)), splits, 0)
@@ -57,6 +58,8 @@ def _layers(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """Guided vs unguided deep FCN on Fashion-MNIST: real training, a small table at the end."""
     from repguide.config import load_recipe
+    from repguide.report import update_plots
+    from repguide.runs import RunDir, is_main_process
     from repguide.train import train
 
     print("repguide demo: a 48-layer fully-connected network (BatchNorm, ReLU, dropout) on 5,000")
@@ -66,6 +69,8 @@ def _demo(args: argparse.Namespace) -> int:
     for label, recipe in DEMO_RUNS:
         config = load_recipe(recipe, "small", {"name": f"demo_{recipe}", "train.epochs": args.epochs})
         summary = train(config, args.runs_dir, overwrite=True, quiet=args.quiet)
+        if is_main_process():
+            update_plots(RunDir(args.runs_dir, config.name).path)
         rows.append((label, summary))
     print(f"\n{'run':45s} {'train acc':>9s} {'val acc':>8s} {'test acc':>8s} {'time':>6s}")
     for label, s in rows:
@@ -91,7 +96,7 @@ def _eval_splits(args: argparse.Namespace):
     from pathlib import Path
 
     from repguide import data
-    from repguide.analysis import run_config
+    from repguide.build import run_config
     from repguide.config import parse_overrides
 
     if args.data is not None:
@@ -105,7 +110,7 @@ def _eval_splits(args: argparse.Namespace):
 
 
 def _two_models(args: argparse.Namespace):
-    from repguide.analysis import load_model
+    from repguide.build import load_model
     from repguide.config import parse_overrides
 
     splits = _eval_splits(args)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "command", None) == "reproduce" and args.runs_dir is None:
         args.runs_dir = f"runs/reproduce-{args.scale}"
     from repguide.runs import CheckpointError, RunDirError
-    from repguide.train import NonFiniteError
+    from repguide.steps import NonFiniteError
 
     # Errors about the user's input or files: a message and exit status 2, no traceback.
     user_errors = (ValueError, FileNotFoundError, RunDirError, CheckpointError, NonFiniteError)

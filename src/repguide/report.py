@@ -53,6 +53,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
+def update_plots(run_dir: str | Path) -> list[Path]:
+    """:func:`plot_run` after training, unless each of the run's plots is there and no older than its
+    ``summary.json``: draws a new run's plots, redraws those of a run trained further, and draws
+    what a run killed while plotting left out; a finished run resumed again keeps its plots."""
+    run_dir = Path(run_dir)
+    plots = [run_dir / "curves.png"] + ([run_dir / "similarity.png"] if _guided_pairs(run_dir) else [])
+    finished = (run_dir / "summary.json").stat().st_mtime_ns
+    if all(p.is_file() and p.stat().st_mtime_ns >= finished for p in plots):
+        return []
+    return plot_run(run_dir)
+
+
 def plot_claim(claim, stats: dict, path: str | Path) -> Path:
     """Bar chart of one claim's rows: mean ± std over seeds, each seed as a dot."""
     path = Path(path)
@@ -135,9 +147,9 @@ def plot_alignment(
     ``split``. Writes ``alignment_start.csv``, ``alignment_end.csv`` and ``alignment.png`` (both
     heatmaps; the guided pairs outlined in red). ``reduction``: default the run's own."""
     from repguide import data as datasets
-    from repguide.analysis import compare, load_model, ordered_batches, run_config
+    from repguide.analysis import compare, ordered_batches
+    from repguide.build import load_guide, load_model, run_config
     from repguide.capture import layers
-    from repguide.train import _load_guide
 
     run_dir = Path(run_dir)
     config = run_config(run_dir)
@@ -148,7 +160,7 @@ def plot_alignment(
         raise ValueError("the run aligned per token; give reduction 'flatten' or 'mean' for the heatmaps")
     splits = datasets.create(config.data.name, **config.data.kwargs)
     dataset = getattr(splits, split)
-    guide = _load_guide(config, splits, run_dir.parent)
+    guide = load_guide(config, splits, run_dir.parent)
     start, end = load_model(run_dir, splits, weights="init"), load_model(run_dir, splits)
     pairs = _guided_pairs(run_dir)
     *example, _ = dataset.batch(torch.arange(min(8, len(dataset))))
@@ -173,7 +185,7 @@ def plot_alignment(
 def report_run(run_dir: str | Path, **alignment) -> list[Path]:
     """Every plot of a finished run: :func:`plot_run`'s curves and per-pair similarity over
     training, and for a guided run :func:`plot_alignment`'s start and end heatmaps."""
-    from repguide.analysis import run_config
+    from repguide.build import run_config
 
     written = plot_run(run_dir)
     if run_config(run_dir).guidance.mode == "guide":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repguide.config import load_recipe
-from repguide.runs import RunDir
+from repguide.runs import RunDir, is_main_process
 
 __all__ = ["CLAIMS", "Claim", "reproduce", "write_report"]
 
@@ -219,7 +219,7 @@ def _changed_keys(run: RunDir, config) -> list[str]:
     """Keys whose values differ between the config ``run`` was trained with and ``config``
     (the run's schedule length included; empty when the run has no config yet)."""
     from repguide.config import upgrade
-    from repguide.train import _diff_keys
+    from repguide.train import diff_keys
 
     stored = run.read_config()
     if stored is None:
@@ -230,7 +230,7 @@ def _changed_keys(run: RunDir, config) -> list[str]:
     skip = {"description", "claim"}
     old = {k: v for k, v in previous.items() if k not in skip}
     new = {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
-    return _diff_keys(old, new)
+    return diff_keys(old, new)
 
 
 def _claims(only: list[str] | None) -> list[Claim]:
@@ -271,6 +271,7 @@ def reproduce(
     recipes: list[str] | None = None,
 ) -> Path | None:
     """Train what the chosen claims need for ``seeds`` seeds (skipping finished runs), then report."""
+    from repguide.report import update_plots
     from repguide.train import train
 
     claims = _claims(only)
@@ -297,6 +298,9 @@ def reproduce(
                 train(config, runs_dir, resume=resume, overwrite=not resume, quiet=quiet)
             except FloatingPointError as err:  # a diverged run is a result too; it is reported
                 print(f"[reproduce] {name} stopped: {err}", flush=True)
+                continue
+            if is_main_process():
+                update_plots(run.path)
     if report is None:
         return None
     return write_report(claims, scale, seeds, runs_dir, report, time.time() - started)
@@ -366,7 +370,8 @@ def consistency(a: str, b: str, seeds: int, runs_dir: Path, hits: dict | None = 
     """κ between the test-set errors of runs ``a_s<k>`` and ``b_s<k>``, one value per seed both
     finished. ``hits``: a dict that keeps each run's per-example correctness for the next call."""
     from repguide import data
-    from repguide.analysis import correct, error_consistency, load_model, ordered_batches
+    from repguide.analysis import correct, error_consistency, ordered_batches
+    from repguide.build import load_model
 
     stat = Stat()
     for seed in range(seeds):

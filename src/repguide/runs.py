@@ -25,7 +25,10 @@ from typing import Any
 import torch
 import yaml
 
-__all__ = ["CheckpointError", "OWN_FILES", "RunDir", "RunDirError", "atomic_save", "check_run_name", "load_weights"]
+__all__ = [
+    "CheckpointError", "OWN_FILES", "RunDir", "RunDirError", "atomic_save", "check_run_name", "is_main_process",
+    "load_weights",
+]
 
 # Every file repguide writes into a run folder. ``--overwrite`` deletes these and nothing else, so a
 # run folder that also holds a user's files (or a name that points at the wrong folder) loses only
@@ -49,6 +52,11 @@ def check_run_name(name: str) -> str:
             "choose the parent folder with --runs-dir instead of a path in the name"
         )
     return name
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run folder: rank 0 of a process group, or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 class RunDirError(RuntimeError):
