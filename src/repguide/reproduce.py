@@ -421,7 +421,7 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds) -> Path:
         "",
         "Our numbers are test-set means ± standard deviations over seeds (accuracy in %, or perplexity), "
         "at the `" + scale + "` scale on Fashion-MNIST / synthetic tasks / Shakespeare, next to the paper's "
-        "(ImageNet / WikiText-103, from a third-party summary; see ../shared/paper.md §9). Only the "
+        "(ImageNet / WikiText-103, as the paper reports them). Only the "
         "*direction* of each claim is comparable. A claim is **reproduced** only with ≥ 3 seeds and a "
         "difference in the paper's direction larger than the two standard deviations added. The first "
         "check of every claim is the failure mode the baseline must show for the rest to mean anything.",

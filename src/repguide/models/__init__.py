@@ -8,18 +8,12 @@ names (``blocks.3``, ``layer2.1.conv1``, ``layers.0``), so forward hooks can fin
 """
 
 from repguide.models._registry import MODELS, accepted_kwargs, create, list_models, register
-from repguide.models.sequence import (
-    ParityRNN,
+from repguide.models.sequence import ParityRNN, RecurrentLM, copy_rnn, gru_lm, lstm_lm, parity_rnn, rnn_lm
+from repguide.models.sequence_transformers import (
     ParityTransformer,
-    RecurrentLM,
     TransformerLM,
-    copy_rnn,
     copy_transformer,
-    gru_lm,
-    lstm_lm,
-    parity_rnn,
     parity_transformer,
-    rnn_lm,
     transformer_lm,
 )
 from repguide.models.vision import (

@@ -19,7 +19,7 @@ import torch
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from repguide import _config_rules
+from repguide.config import rules as _rules
 from repguide.runs import check_run_name
 
 __all__ = [
@@ -179,7 +179,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         """The rules that tie keys to each other and to the registries, one line per broken rule."""
-        problems = _config_rules.problems(self)
+        problems = _rules.problems(self)
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

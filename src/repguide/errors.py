@@ -1,0 +1,78 @@
+"""The errors repguide raises about its user's input, files and runs.
+
+Every one derives from :class:`RepguideError`; the command line prints those as one line and exits
+with status 2. Anything else that escapes is a bug in repguide and keeps its traceback. Each class
+also derives from the built-in type code written before this hierarchy caught (``ValueError`` for
+bad values, ``RuntimeError`` for run folders and checkpoints, ...), so ``except ValueError`` in a
+user's code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DatasetIntegrityError",
+    "DatasetNotFoundError",
+    "GuideError",
+    "GuidanceError",
+    "LayerError",
+    "MeasureError",
+    "ModelError",
+    "NonFiniteError",
+    "RepguideError",
+    "RunDirError",
+]
+
+
+class RepguideError(Exception):
+    """A problem with what the user gave repguide; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(RepguideError, ValueError):
+    """A recipe or override is invalid; the message names the key, the value and what is allowed."""
+
+
+class RunDirError(RepguideError, RuntimeError):
+    """The run folder cannot be used as asked (it holds results, is locked, or is not writable)."""
+
+
+class CheckpointError(RepguideError, RuntimeError):
+    """A checkpoint or weights file cannot be read or does not fit this run."""
+
+
+class DataError(RepguideError, ValueError):
+    """A data set cannot be built as asked."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A data set's files are not installed; the message gives the install command."""
+
+
+class DatasetIntegrityError(DataError):
+    """A data set's files are there but not what they should be (checksum, shape)."""
+
+
+class ModelError(RepguideError, ValueError):
+    """An unknown model name or an option its factory does not accept."""
+
+
+class MeasureError(RepguideError, ValueError):
+    """An unknown similarity measure, or inputs it cannot compare (too few examples, shapes)."""
+
+
+class LayerError(RepguideError, ValueError):
+    """A layer name, layer pairing or activation that capture cannot use."""
+
+
+class GuidanceError(RepguideError, ValueError):
+    """An argument of :class:`repguide.Guidance` or of a weight schedule is invalid."""
+
+
+class GuideError(RepguideError, RuntimeError):
+    """The guide (or the target) failed on the inputs it was given; the message says where."""
+
+
+class NonFiniteError(RepguideError, FloatingPointError):
+    """Training produced a NaN or infinite loss, similarity or gradient."""
