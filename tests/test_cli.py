@@ -483,6 +483,33 @@ def test_nonfinite_loss_names_the_step_and_what_to_change(tmp_path, capsys):
     record("nonfinite", "learning rate so large the loss becomes NaN", "`optim.lr=1e30`", err, tmp_path)
 
 
+def test_an_internal_bug_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys):
+    import repguide.cli as cli
+
+    def broken(args):
+        raise ValueError("too many values to unpack (expected 2)")  # like a bug deep in repguide
+
+    monkeypatch.setattr(cli, "_recipes", broken)
+    with pytest.raises(ValueError, match="too many values") as info:
+        cli.main(["recipes"])
+    assert any("this is a bug in repguide" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_disk_full_is_one_line_that_says_what_to_do(monkeypatch, capsys):
+    import errno
+
+    import repguide.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/last.ckpt")
+
+    monkeypatch.setattr(cli, "_recipes", full)
+    assert cli.main(["recipes"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err == "repguide: error: No space left on device: runs/x/last.ckpt (free some disk space, then continue with --resume)"
+    record("disk-full", "disk full while writing", "(any command)", err, Path("/nonexistent"))
+
+
 def test_the_command_line_exits_2_with_one_line_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "repguide.cli", "run", "no_such_recipe", "--runs-dir", str(tmp_path)],
@@ -502,8 +529,8 @@ def errors_table() -> str:
         "",
         "Every bad input below was tried by `tests/test_cli.py`, and the message is the one it got",
         "(`$TMP` stands for the test's temporary folder, `$PID` for a process id). On the command line each",
-        "exits with status 2 and prints only the message; the Python API raises `ValueError` (or a",
-        "subclass) with the same text. A failing command deletes nothing, and one that fails before training",
+        "exits with status 2 and prints only the message; the Python API raises a `repguide.RepguideError`",
+        "subclass (most also derive from `ValueError`) with the same text. A failing command deletes nothing, and one that fails before training",
         "starts leaves no results behind, so the corrected command needs no `--overwrite`.",
         "",
         "Regenerate with `REPGUIDE_WRITE_ERRORS_DOC=1 .venv/bin/python -m pytest tests/test_cli.py`.",

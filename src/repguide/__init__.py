@@ -5,9 +5,10 @@
 >>> loss = task_loss(out.output, y) + out.loss
 """
 
-from repguide import data, models, similarity
+from repguide import data, errors, models, similarity
 from repguide.analysis import SimilarityMatrix, compare, error_consistency
 from repguide.capture import discover, layers
+from repguide.errors import RepguideError
 from repguide.guidance import Constant, Guidance, GuidanceOutput, GuideFeatureCache, OffAfter, WeightSchedule
 from repguide.pairing import Pair, stretch
 from repguide.similarity import cka, get_measure, list_measures, register_measure, sketch
@@ -21,12 +22,14 @@ __all__ = [
     "GuideFeatureCache",
     "OffAfter",
     "Pair",
+    "RepguideError",
     "SimilarityMatrix",
     "WeightSchedule",
     "cka",
     "compare",
     "data",
     "discover",
+    "errors",
     "error_consistency",
     "get_measure",
     "layers",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repguide.errors import ArgumentError
 import torch
 from torch import Tensor, nn
 
@@ -179,11 +180,11 @@ def compare(
     the models' ``(args, kwargs)``. Returns float64 values on the CPU.
     """
     if reduction not in ("flatten", "mean"):
-        raise ValueError(f"reduction must be 'flatten' or 'mean' for compare, got {reduction!r}")
+        raise ArgumentError(f"reduction must be 'flatten' or 'mean' for compare, got {reduction!r}")
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
-        raise ValueError("compare needs at least one batch; the data gave none")
+        raise ArgumentError("compare needs at least one batch; the data gave none")
     same = model_b is model_a and layers_b == layers_a  # one forward serves both sides
     modes = (model_a.training, model_b.training)
     model_a.eval(), model_b.eval()
@@ -261,7 +262,7 @@ class ErrorConsistency:
 def error_consistency(correct_a: Tensor, correct_b: Tensor) -> ErrorConsistency:
     """κ of two classifiers from ``correct_a, correct_b: (N,)`` bool, whether each got each example right."""
     if correct_a.shape != correct_b.shape or correct_a.dim() != 1 or len(correct_a) == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"expected two non-empty (N,) vectors over the same examples, got shapes "
             f"{tuple(correct_a.shape)} and {tuple(correct_b.shape)}"
         )
@@ -290,5 +291,5 @@ def correct(model: nn.Module, batches: Iterable[Sequence[Tensor]]) -> Tensor:
     finally:
         model.train(was_training)
     if not out:
-        raise ValueError("correct needs at least one batch; the data gave none")
+        raise ArgumentError("correct needs at least one batch; the data gave none")
     return torch.cat(out)

@@ -19,7 +19,8 @@ from torch import nn
 from repguide import data as datasets
 from repguide import models
 from repguide.config import ModelConfig, RunConfig, validate
-from repguide.runs import CheckpointError, load_weights
+from repguide.errors import ArgumentError, ConfigError, ModelError
+from repguide.runs import CheckpointError, RunDirError, load_weights
 
 __all__ = ["build_model", "first_mismatch", "load_guide", "load_model", "run_config", "weights_hash"]
 
@@ -39,7 +40,7 @@ def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Mod
     if unknown:
         close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ModelError(
             f"model {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
             f"{', '.join(sorted(accepted))}.{hint}"
         )
@@ -65,7 +66,7 @@ def load_guide(config: RunConfig, splits: datasets.Splits, runs_dir: Path) -> nn
     ``guidance.guide_run`` (a run in ``runs_dir``, a run folder or a weights file) when given."""
     gc = config.guidance
     if gc.guide is None:
-        raise ValueError(f"guidance.mode={gc.mode!r} needs guidance.guide (a model name and kwargs)")
+        raise ConfigError(f"guidance.mode={gc.mode!r} needs guidance.guide (a model name and kwargs)")
     guide = build_model(gc.guide, splits, gc.guide_seed)
     if gc.guide_run is not None:
         path = Path(gc.guide_run)
@@ -109,7 +110,7 @@ def load_model(
     * a ``final.pt`` / ``.ckpt`` file in a run folder: that run's model with those weights.
     """
     if weights not in ("final", "init"):
-        raise ValueError(f"weights must be 'final' or 'init', got {weights!r}")
+        raise ArgumentError(f"weights must be 'final' or 'init', got {weights!r}")
     path = Path(ref)
     if path.is_dir() or path.is_file():
         run_dir = path if path.is_dir() else path.parent
@@ -123,7 +124,7 @@ def load_model(
     else:
         name, _, file = str(ref).partition(":")
         if name not in models.list_models():
-            raise ValueError(
+            raise ArgumentError(
                 f"{str(ref)!r} is neither a run folder, a weights file, nor a model name "
                 f"({', '.join(models.list_models())}), optionally as NAME:PATH-TO-WEIGHTS"
             )
@@ -144,5 +145,5 @@ def run_config(run_dir: str | Path) -> RunConfig:
     """The validated :class:`repguide.config.RunConfig` a run folder was trained with."""
     file = Path(run_dir) / "config.yaml"
     if not file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
+        raise RunDirError(f"{run_dir} is not a run folder: it has no config.yaml")
     return validate(yaml.safe_load(file.read_text()))

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from repguide.errors import LayerError
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -136,11 +137,11 @@ def reduce(activation: Tensor, how: str, channels_first: bool = False) -> Tensor
     ``"tokens"``: ``(n, positions, d)``; the similarity is then computed per position and averaged.
     """
     if how not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {how!r}; choose one of {', '.join(REDUCTIONS)}")
+        raise LayerError(f"unknown reduction {how!r}; choose one of {', '.join(REDUCTIONS)}")
     n = activation.shape[0]
     if how == "flatten" or activation.dim() == 2:
         if how == "tokens":
-            raise ValueError(
+            raise LayerError(
                 f"reduction 'tokens' needs an activation with positions, got shape "
                 f"{tuple(activation.shape)}; use 'flatten' or 'mean' for this layer"
             )
@@ -162,7 +163,7 @@ class _LayerRef:
         try:
             self.module = model.get_submodule(base)
         except AttributeError:
-            raise ValueError(_unknown_layer_message(name, _module_names(model), role)) from None
+            raise LayerError(_unknown_layer_message(name, _module_names(model), role)) from None
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -191,7 +192,7 @@ class _Normaliser:
     def __call__(self, name: str, module: nn.Module, output: Any) -> Tensor:
         found = _first_tensor(output)
         if found is None:
-            raise ValueError(
+            raise LayerError(
                 f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}, "
                 "which holds no tensor to compare; choose another layer"
             )
@@ -208,7 +209,7 @@ class _Normaliser:
         if name in self.batch_axes:
             axis = self.batch_axes[name]
             if not -len(shape) <= axis < len(shape) or shape[axis] != n:
-                raise ValueError(
+                raise LayerError(
                     f"layer {name!r}: batch axis {axis} of output shape {shape} does not have "
                     f"the batch size {n}; fix batch_axes[{name!r}]"
                 )
@@ -225,12 +226,12 @@ class _Normaliser:
             else:
                 conventional = None
             if not candidates:
-                raise ValueError(
+                raise LayerError(
                     f"layer {name!r} ({type(module).__name__}) has output shape {shape} with no "
                     f"axis of the batch size {n}; it cannot be compared example by example"
                 )
             if conventional not in candidates:
-                raise ValueError(
+                raise LayerError(
                     f"layer {name!r} ({type(module).__name__}): output shape {shape} has several "
                     f"axes of the batch size {n} ({candidates}), so the batch axis is ambiguous. "
                     f"Name it with batch_axes={{{name!r}: <one of {candidates}>}}, or use a batch "
@@ -437,9 +438,9 @@ def layers(model: nn.Module, *example_args: Any, types: str | tuple[type, ...] =
 def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
     found = _first_tensor(list(args) + list(kwargs.values()))
     if found is None:
-        raise ValueError("the model's inputs hold no tensor, so the batch size is unknown")
+        raise LayerError("the model's inputs hold no tensor, so the batch size is unknown")
     if isinstance(found, PackedSequence):
         return int(found.batch_sizes[0])
     if found.dim() == 0:
-        raise ValueError("the first input tensor is 0-dim, so it has no batch axis")
+        raise LayerError("the first input tensor is 0-dim, so it has no batch axis")
     return found.shape[axis]

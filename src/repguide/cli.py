@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+
+from repguide.errors import ArgumentError, RepguideError
 
 __all__ = ["main"]
 
@@ -106,7 +109,7 @@ def _eval_splits(args: argparse.Namespace):
         if path.exists():
             config = run_config(path if path.is_dir() else path.parent)
             return data.create(config.data.name, **config.data.kwargs)
-    raise ValueError("give --data: neither model is a run folder whose data could be used")
+    raise ArgumentError("give --data: neither model is a run folder whose data could be used")
 
 
 def _two_models(args: argparse.Namespace):
@@ -247,19 +250,43 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     if getattr(args, "command", None) == "reproduce" and args.runs_dir is None:
         args.runs_dir = f"runs/reproduce-{args.scale}"
-    from repguide.runs import CheckpointError, RunDirError
-    from repguide.steps import NonFiniteError
-
-    # Errors about the user's input or files: a message and exit status 2, no traceback.
-    user_errors = (ValueError, FileNotFoundError, RunDirError, CheckpointError, NonFiniteError)
+    # Errors about the user's input, files or machine: one line and exit status 2, no traceback.
+    # Anything else is a bug in repguide and keeps its traceback (Python exits with status 1).
     try:
         return args.func(args)
-    except user_errors as err:
+    except RepguideError as err:
         print(f"repguide: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _MACHINE_ERRNOS:
+            raise
+        print(f"repguide: error: {err.strerror}: {err.filename or ''} ({_MACHINE_ERRNOS[err.errno]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("repguide: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: the traceback stays, with a word on what to do with it
+        if hasattr(err, "add_note"):
+            err.add_note(_BUG_NOTE)
+        else:  # Python 3.10
+            print(_BUG_NOTE, file=sys.stderr)
+        raise
+
+
+_BUG_NOTE = (
+    "repguide: this is a bug in repguide, not a problem with your input; please report it with "
+    "the command you ran and the traceback above"
+)
+
+# The OS errors a user fixes on their machine, and what to do about each.
+_MACHINE_ERRNOS = {
+    errno.ENOSPC: "free some disk space, then continue with --resume",
+    errno.EDQUOT: "free some of your disk quota, then continue with --resume",
+    errno.EACCES: "fix the permissions, or choose another folder",
+    errno.EPERM: "fix the permissions, or choose another folder",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.ENOENT: "check the path",
+}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ user's code keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -28,6 +29,10 @@ __all__ = [
 
 class RepguideError(Exception):
     """A problem with what the user gave repguide; the message says what is wrong and how to fix it."""
+
+
+class ArgumentError(RepguideError, ValueError):
+    """An argument of a repguide function or command has a value it does not allow."""
 
 
 class ConfigError(RepguideError, ValueError):
@@ -70,7 +75,7 @@ class GuidanceError(RepguideError, ValueError):
     """An argument of :class:`repguide.Guidance` or of a weight schedule is invalid."""
 
 
-class GuideError(RepguideError, RuntimeError):
+class GuideError(RepguideError, ValueError):
     """The guide (or the target) failed on the inputs it was given; the message says where."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from repguide.errors import LayerError
+
 import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
@@ -40,7 +42,7 @@ def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[P
     """
     t, s = len(target_layers), len(guide_layers)
     if t == 0 or s == 0:
-        raise ValueError(
+        raise LayerError(
             f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
         )
     if s <= t:
@@ -57,7 +59,7 @@ def _select(patterns: str | Sequence[str], available: Sequence[str], role: str) 
     for pattern in patterns:
         matched = [name for name in available if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(_no_match_message(pattern, available, role))
+            raise LayerError(_no_match_message(pattern, available, role))
         chosen.extend(matched)
     ordered = set(chosen)
     return [name for name in available if name in ordered]
@@ -82,7 +84,7 @@ def resolve_pairs(
     """
     if isinstance(spec, str):
         if spec != "stretch":
-            raise ValueError(
+            raise LayerError(
                 f"unknown pairing {spec!r}: use 'stretch', a list of (target, guide) pairs, or "
                 "{'target': patterns, 'guide': patterns}"
             )
@@ -91,7 +93,7 @@ def resolve_pairs(
     elif isinstance(spec, Mapping):
         unknown = set(spec) - {"target", "guide"}
         if unknown or not spec:
-            raise ValueError(
+            raise LayerError(
                 f"a pattern pairing is {{'target': patterns, 'guide': patterns}}; got keys {sorted(spec)}"
             )
         _require_layers(target_layers, guide_layers)
@@ -107,20 +109,20 @@ def resolve_pairs(
                 (pair.guide, guide_layers, "guide"),
             ):
                 if available is not None and name not in available:
-                    raise ValueError(_no_match_message(name, available, role))
+                    raise LayerError(_no_match_message(name, available, role))
     if not pairs:
-        raise ValueError("the pairing is empty: give at least one (target layer, guide layer) pair")
+        raise LayerError("the pairing is empty: give at least one (target layer, guide layer) pair")
     seen = set()
     for pair in pairs:
         if pair.key in seen:
-            raise ValueError(f"pair {pair.key} is listed twice")
+            raise LayerError(f"pair {pair.key} is listed twice")
         seen.add(pair.key)
     return pairs
 
 
 def _require_layers(target_layers, guide_layers) -> None:
     if target_layers is None or guide_layers is None:
-        raise ValueError("this pairing needs the target's and the guide's layer lists")
+        raise LayerError("this pairing needs the target's and the guide's layer lists")
 
 
 def _as_pair(item) -> Pair:
@@ -129,9 +131,9 @@ def _as_pair(item) -> Pair:
     if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(n, str) for n in item[:2]):
         pair = Pair(*item)
         if not pair.weight >= 0:
-            raise ValueError(f"pair weight must be non-negative, got {pair.weight} in {item}")
+            raise LayerError(f"pair weight must be non-negative, got {pair.weight} in {item}")
         return pair
-    raise ValueError(
+    raise LayerError(
         f"each explicit pair must be (target_layer, guide_layer) or (target_layer, guide_layer, "
         f"weight) with layer names as strings; got {item!r}"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+from repguide.errors import ArgumentError
 import torch
 
 matplotlib.use("Agg")
@@ -154,10 +155,10 @@ def plot_alignment(
     run_dir = Path(run_dir)
     config = run_config(run_dir)
     if config.guidance.mode != "guide":
-        raise ValueError(f"{run_dir} is not a guided run (guidance.mode={config.guidance.mode!r})")
+        raise ArgumentError(f"{run_dir} is not a guided run (guidance.mode={config.guidance.mode!r})")
     reduction = reduction or config.guidance.reduction
     if reduction == "tokens":
-        raise ValueError("the run aligned per token; give reduction 'flatten' or 'mean' for the heatmaps")
+        raise ArgumentError("the run aligned per token; give reduction 'flatten' or 'mean' for the heatmaps")
     splits = datasets.create(config.data.name, **config.data.kwargs)
     dataset = getattr(splits, split)
     guide = load_guide(config, splits, run_dir.parent)

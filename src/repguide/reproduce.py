@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repguide.config import load_recipe
+from repguide.errors import ConfigError
 from repguide.runs import RunDir, is_main_process
 
 __all__ = ["CLAIMS", "Claim", "reproduce", "write_report"]
@@ -237,7 +238,7 @@ def _claims(only: list[str] | None) -> list[Claim]:
     chosen = [c for c in CLAIMS if only is None or c.id in only]
     if only is not None and len(chosen) != len(set(only)):
         known = ", ".join(c.id for c in CLAIMS)
-        raise ValueError(f"unknown claim in {only}; known claims: {known}")
+        raise ConfigError(f"unknown claim in {only}; known claims: {known}")
     return chosen
 
 

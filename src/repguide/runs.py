@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import yaml
 
+from repguide.errors import CheckpointError, RunDirError
+
 __all__ = [
     "CheckpointError", "OWN_FILES", "RunDir", "RunDirError", "atomic_save", "check_run_name", "is_main_process",
     "load_weights",
@@ -57,14 +59,6 @@ def check_run_name(name: str) -> str:
 def is_main_process() -> bool:
     """Whether this process writes the run folder: rank 0 of a process group, or the only process."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-class RunDirError(RuntimeError):
-    """The run folder cannot be used as asked (it holds results, is locked, or is not writable)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit this run."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from repguide import data as datasets
 from repguide.capture import _first_tensor
 from repguide.config import GuidanceConfig, OptimConfig, RunConfig, TrainConfig
+from repguide.errors import ConfigError, NonFiniteError
 from repguide.guidance import Guidance, _noise_like
 
 __all__ = [
@@ -27,10 +28,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN/Inf; the message names the step and the culprit."""
 
 
 def step_seed(*parts: int) -> int:
@@ -139,7 +136,7 @@ class Schedule:
         tc, gc = config.train, config.guidance
         steps_per_epoch = len(train_set) // tc.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set has {len(train_set)} examples, fewer than one batch of "
                 f"train.batch_size={tc.batch_size}; lower the batch size"
             )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from repguide import data as datasets
 from repguide.build import build_model, first_mismatch, load_guide, weights_hash
 from repguide.config import RunConfig, upgrade
+from repguide.errors import ConfigError
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter
 from repguide.runs import CheckpointError, MetricsLog, RunDir, atomic_save
 from repguide.steps import (
@@ -75,7 +76,7 @@ def train(
         fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     if tc.batch_size % world:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
     run = RunDir(runs_dir, config.name)
     resolved = config.model_dump(mode="json")
     if resume and run.is_finished() and upgrade(run.read_config()) == resolved:
@@ -182,7 +183,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
     """The Guidance module of ``guidance.mode=guide``, after checking that its options fit together."""
     tc, gc = config.train, config.guidance
     if gc.init_steps and gc.off_after:
-        raise ValueError("guidance.init_steps and guidance.off_after cannot both be set")
+        raise ConfigError("guidance.init_steps and guidance.off_after cannot both be set")
     weight = OffAfter(gc.weight, gc.init_steps or gc.off_after) if (gc.init_steps or gc.off_after) else Constant(gc.weight)
     pairs = [tuple(p) for p in gc.pairs] if isinstance(gc.pairs, list) else gc.pairs
     (*example_input, _), _ = schedule.batch(0)
@@ -196,7 +197,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
     )
     aligned = tc.batch_size if tc.alignment == "global" else schedule.per_rank
     if aligned < guidance.measure.min_n:
-        raise ValueError(
+        raise ConfigError(
             f"guidance.measure={gc.measure!r} needs at least {guidance.measure.min_n} examples per "
             f"batch, but train.batch_size={tc.batch_size} aligns {aligned} at a time; raise "
             "train.batch_size (or use guidance.measure=cka)"
@@ -327,12 +328,12 @@ def _guide_cache(gc, train_set) -> GuideFeatureCache | None:
     if not gc.cache:
         return None
     if gc.guide_input != "same" or (gc.init_steps and gc.init_input == "noise"):
-        raise ValueError(
+        raise ConfigError(
             "guidance.cache=true stores the guide's features of each training example, but the guide "
             "sees noise here (guidance.guide_input=noise or guidance.init_input=noise); turn one of them off"
         )
     if getattr(train_set, "augment", "none") != "none":
-        raise ValueError(
+        raise ConfigError(
             "guidance.cache=true needs the guide to see the same input for an example every epoch, but "
             "this data set augments its examples at random; turn the augmentation off or the cache off"
         )

@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from repguide.config import rules as _rules
+from repguide.errors import ConfigError
 from repguide.runs import check_run_name
 
 __all__ = [
@@ -36,10 +37,6 @@ __all__ = [
 ]
 
 SCALES = ("tiny", "small", "paper")
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and says what is expected."""
 
 
 class _Strict(BaseModel):

@@ -12,14 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repguide._registry import Registry
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set's files are not installed; the message says how to install them."""
-
-
-class DatasetIntegrityError(ValueError):
-    """A data set's file exists but is corrupt or not the expected content."""
+from repguide.errors import DataError, DatasetIntegrityError, DatasetNotFoundError
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,7 @@ class TensorExamples(Dataset):
     def __init__(self, *tensors: Tensor, with_index: bool = False) -> None:
         sizes = {len(t) for t in tensors}
         if len(sizes) != 1:
-            raise ValueError(f"tensors must share their first axis, got lengths {sorted(sizes)}")
+            raise DataError(f"tensors must share their first axis, got lengths {sorted(sizes)}")
         self.tensors = tensors
         self.with_index = with_index
 

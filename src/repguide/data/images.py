@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from repguide.errors import DataError
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -180,7 +181,7 @@ def _balanced_subset(labels: Tensor, candidates: Tensor, size: int, g: torch.Gen
         pool = candidates[labels[candidates] == c]
         k = size // _NUM_CLASSES + (c < size % _NUM_CLASSES)
         if k > len(pool):
-            raise ValueError(f"train_size={size} needs {k} examples of class {c}, only {len(pool)} left")
+            raise DataError(f"train_size={size} needs {k} examples of class {c}, only {len(pool)} left")
         chosen.append(pool[torch.randperm(len(pool), generator=g)[:k]])
     return torch.cat(chosen).sort().values
 
@@ -222,15 +223,15 @@ def fashion_mnist(
     * Files come from ``root``, else ``$REPGUIDE_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``.
     """
     if normalize not in _NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
+        raise DataError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
     if augment not in _AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {_AUGMENTATIONS}, got {augment!r}")
+        raise DataError(f"augment must be one of {_AUGMENTATIONS}, got {augment!r}")
     if canvas is not None and canvas < _SIDE:
-        raise ValueError(f"canvas must be at least {_SIDE}, got {canvas}")
+        raise DataError(f"canvas must be at least {_SIDE}, got {canvas}")
     files = _read(_root(root))
     images, labels = files["train-images-idx3"], files["train-labels-idx1"]
     if not 0 < val_size < len(images):
-        raise ValueError(f"val_size must be in 1..{len(images) - 1}, got {val_size}")
+        raise DataError(f"val_size must be in 1..{len(images) - 1}, got {val_size}")
 
     order = torch.randperm(len(images), generator=generator(eval_seed, "fashion_mnist", "val"))
     val_idx, rest = order[:val_size].sort().values, order[val_size:].sort().values

@@ -9,6 +9,7 @@ same examples. Special tokens never collide with real symbols.
 
 from __future__ import annotations
 
+from repguide.errors import DataError
 import torch
 from torch import Tensor
 
@@ -72,9 +73,9 @@ def copy_paste(
     80/20 train/val plus a test set the size of val).
     """
     if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+        raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
     if num_symbols < 2:
-        raise ValueError(f"num_symbols must be at least 2, got {num_symbols}")
+        raise DataError(f"num_symbols must be at least 2, got {num_symbols}")
     tok = copy_paste_tokens(num_symbols)
 
     def split(size: int, split_seed: int, name: str) -> TensorExamples:
@@ -101,7 +102,7 @@ def token_accuracy(
     divide by ``(targets != ignore_index).sum()``; a mean of per-batch means weights short copies more.
     """
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise DataError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     keep = targets != ignore_index
     correct = ((logits.argmax(-1) == targets) & keep).sum()
     return correct if reduction == "sum" else correct / keep.sum()
@@ -129,7 +130,7 @@ def parity(
     there are only 4 strings of length 2.
     """
     if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+        raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
 
     def split(size: int, split_seed: int, name: str) -> TensorExamples:
         g = generator(split_seed, "parity", name)

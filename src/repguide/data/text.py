@@ -14,6 +14,7 @@ import re
 from collections import Counter
 
 import numpy as np
+from repguide.errors import DataError
 import torch
 from torch import Tensor
 
@@ -73,7 +74,7 @@ def shakespeare_text(split: str = "all") -> str:
     if split == "all":
         return text
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {('all', *_SPLITS)}, got {split!r}")
+        raise DataError(f"split must be one of {('all', *_SPLITS)}, got {split!r}")
     cuts = [0]
     for frac in np.cumsum(_FRACTIONS)[:-1]:
         cuts.append(text.index("\n", int(frac * len(text))) + 1)
@@ -90,7 +91,7 @@ class _Tokenizer:
 
     def __init__(self, vocab: list[str]) -> None:
         if vocab[:1] != [UNK]:
-            raise ValueError(f"vocab must start with {UNK!r}")
+            raise DataError(f"vocab must start with {UNK!r}")
         self.vocab = vocab
         self.index = {tok: i for i, tok in enumerate(vocab)}
 
@@ -178,7 +179,7 @@ class TokenChunks(TensorExamples):
         ids, ends = tokenizer.encode_with_ends(text)
         n = (len(ids) - 1) // context
         if n < 1:
-            raise ValueError(f"text of {len(ids)} tokens is too short for one chunk of context {context}")
+            raise DataError(f"text of {len(ids)} tokens is too short for one chunk of context {context}")
         stop = n * context
         super().__init__(ids[:stop].view(n, context), ids[1 : stop + 1].view(n, context), with_index=with_index)
         covered = text[int(ends[0]) : int(ends[stop])]
@@ -193,7 +194,7 @@ def perplexity(mean_nll: float, data: TokenChunks, unit: str = "token") -> float
     different tokenizers are comparable (up to ``<unk>``, which makes word-level numbers optimistic).
     """
     if unit not in data.units:
-        raise ValueError(f"unit must be one of {tuple(data.units)}, got {unit!r}")
+        raise DataError(f"unit must be one of {tuple(data.units)}, got {unit!r}")
     return math.exp(mean_nll * data.units["token"] / data.units[unit])
 
 
@@ -201,7 +202,7 @@ def perplexity(mean_nll: float, data: TokenChunks, unit: str = "token") -> float
 def _fitted(tokenizer: str, max_vocab: int) -> _Tokenizer:
     kinds = {"char": CharTokenizer, "word": WordTokenizer}
     if tokenizer not in kinds:
-        raise ValueError(f"tokenizer must be one of {tuple(kinds)}, got {tokenizer!r}")
+        raise DataError(f"tokenizer must be one of {tuple(kinds)}, got {tokenizer!r}")
     return kinds[tokenizer].fit(shakespeare_text("train"), max_vocab)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from repguide.errors import GuidanceError
 import torch
 from torch import Tensor
 
@@ -36,7 +37,7 @@ class GuideFeatureCache:
 
     def __init__(self, num_examples: int, dtype: torch.dtype | None = None, device: Any = None):
         if num_examples < 1:
-            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+            raise GuidanceError(f"num_examples must be at least 1, got {num_examples}")
         self.num_examples = num_examples
         self.dtype = dtype
         self.device = device
@@ -60,12 +61,12 @@ class GuideFeatureCache:
         self._check_spec(spec)
         index = torch.as_tensor(index, dtype=torch.long)
         if index.dim() != 1 or any(len(value) != len(index) for value in features.values()):
-            raise ValueError(
+            raise GuidanceError(
                 f"guide_index must hold one example position per row of the batch; got shape "
                 f"{tuple(index.shape)} for {len(next(iter(features.values())))} rows"
             )
         if len(index) and not 0 <= int(index.min()) <= int(index.max()) < self.num_examples:
-            raise ValueError(
+            raise GuidanceError(
                 f"guide_index must lie in [0, {self.num_examples}); got {int(index.min())}..{int(index.max())}"
             )
         self.spec = spec
@@ -77,7 +78,7 @@ class GuideFeatureCache:
                     device=value.device if self.device is None else self.device,
                 )
             if stored.shape[1:] != value.shape[1:]:
-                raise ValueError(
+                raise GuidanceError(
                     f"guide layer {name!r} gave features of shape {tuple(value.shape[1:])} per example, "
                     f"but the cache holds {tuple(stored.shape[1:])}: a cache needs inputs of one shape"
                 )
@@ -89,7 +90,7 @@ class GuideFeatureCache:
 
     def _check_spec(self, spec: tuple) -> None:
         if self.spec is not None and spec != self.spec:
-            raise ValueError(
+            raise GuidanceError(
                 f"this cache holds guide features made with (layers, reduction, sketch_dim, sketch_seed) "
                 f"= {self.spec}, not {spec}; use one cache per Guidance configuration"
             )

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from repguide.errors import GuideError
 import torch
 from torch import Tensor
 
@@ -20,7 +21,7 @@ def explain_guide_failure(guide_input: str | Callable):
     except (RuntimeError, TypeError) as err:
         given = "the inputs made by guide_input" if callable(guide_input) else "the target's inputs"
         first_line = str(err).partition("\n")[0]
-        raise ValueError(
+        raise GuideError(
             f"the guide failed on {given} ({type(err).__name__}: {first_line}). "
             "A guide that expects other inputs (shape, dtype, arguments) needs guide_input= a callable "
             "(args, kwargs) -> (args, kwargs) that makes them from the target's batch"

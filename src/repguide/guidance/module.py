@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from repguide.errors import GuidanceError
 import torch
 from torch import Tensor, nn
 
@@ -112,20 +113,20 @@ class Guidance(nn.Module):
     ):
         super().__init__()
         if target is guide:
-            raise ValueError("target and guide must be different modules (the guide is frozen)")
+            raise GuidanceError("target and guide must be different modules (the guide is frozen)")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+            raise GuidanceError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
         if not (guide_input in ("same", "noise") or callable(guide_input)):
-            raise ValueError(
+            raise GuidanceError(
                 f"guide_input must be 'same', 'noise' or a callable (args, kwargs) -> (args, kwargs); "
                 f"got {guide_input!r}"
             )
         if guide_precision not in _PRECISIONS:
-            raise ValueError(f"guide_precision must be one of {', '.join(_PRECISIONS)}, got {guide_precision!r}")
+            raise GuidanceError(f"guide_precision must be one of {', '.join(_PRECISIONS)}, got {guide_precision!r}")
         if sketch_dim is not None and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
-            raise ValueError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
+            raise GuidanceError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
         if guide_cache is not None and guide_input != "same":
-            raise ValueError(
+            raise GuidanceError(
                 "guide_cache stores the guide's features of each example, so the guide must see the "
                 f"target's own batch (guide_input='same'); got guide_input={guide_input!r}"
             )
@@ -251,7 +252,7 @@ class Guidance(nn.Module):
         (and refused without one): the guide's features are then read from the cache.
         """
         if (guide_index is None) != (self.guide_cache is None):
-            raise ValueError(
+            raise GuidanceError(
                 "guide_index= (the batch's example positions) goes with guide_cache= and only with it; "
                 f"this Guidance has guide_cache={'set' if self.guide_cache is not None else 'None'}"
             )
@@ -306,7 +307,7 @@ class Guidance(nn.Module):
         g_args, g_kwargs = self._guide_inputs(args, kwargs, step)
         n_guide = _batch_size(g_args, g_kwargs, self.input_batch_axis)
         if n_guide != n:
-            raise ValueError(
+            raise GuidanceError(
                 f"the guide's inputs have batch size {n_guide} but the target's have {n}; "
                 "similarity compares the same examples, so both must see the same batch size"
             )
@@ -359,7 +360,7 @@ class Guidance(nn.Module):
                 self._target_widths[pair.target] = t.shape[-1]
             t, g = targets[pair.target], guide[pair.guide]
             if t.dim() == 3 and t.shape[1] != len(g):
-                raise ValueError(
+                raise GuidanceError(
                     f"reduction 'tokens' compares position by position, but target layer "
                     f"{pair.target!r} has {t.shape[1]} positions and guide layer {pair.guide!r} "
                     f"has {len(g)}; use 'flatten' or 'mean'"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from repguide.errors import ModelError
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+            raise ModelError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads = heads
         self.causal = causal
         self.dropout = dropout
@@ -56,7 +57,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+            raise ModelError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads, self.causal, self.dropout = heads, causal, dropout
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -92,9 +93,9 @@ class TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+            raise ModelError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
         if memory not in MEMORIES:
-            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}, got {memory!r}")
+            raise ModelError(f"memory must be one of {', '.join(map(repr, MEMORIES))}, got {memory!r}")
         self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, dropout, causal)
@@ -182,7 +183,7 @@ def make_positions(kind: str, max_len: int, dim: int) -> nn.Module:
         return LearnedPositions(max_len, dim)
     if kind == "sinusoidal":
         return SinusoidalPositions(max_len, dim)
-    raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {kind!r}")
+    raise ModelError(f"positions must be 'learned' or 'sinusoidal', got {kind!r}")
 
 
 def init_weights(model: nn.Module, positions: str, init: str = "small") -> None:
@@ -199,7 +200,7 @@ def init_weights(model: nn.Module, positions: str, init: str = "small") -> None:
     unit-amplitude sinusoidal table.
     """
     if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+        raise ModelError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     if init == "torch":
         return
     for module in model.modules():
@@ -216,6 +217,6 @@ def init_weights(model: nn.Module, positions: str, init: str = "small") -> None:
 def check_length(t: int, max_len: int) -> None:
     """Raise if a sequence of length ``t`` does not fit the position table."""
     if t > max_len:
-        raise ValueError(
+        raise ModelError(
             f"sequence length {t} exceeds max_len={max_len}; build the model with a larger max_len"
         )

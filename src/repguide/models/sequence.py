@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from repguide.errors import ModelError
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ class _RecurrentNet(nn.Module):
     ) -> None:
         super().__init__()
         if cell not in _CELLS:
-            raise ValueError(f"cell must be one of {sorted(_CELLS)}, got {cell!r}")
+            raise ModelError(f"cell must be one of {sorted(_CELLS)}, got {cell!r}")
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
         # Separate single-layer modules, not one multi-layer nn.RNN, so each layer has its own
         # name for hooks.
@@ -98,10 +99,10 @@ def check_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     if lengths is None:
         return torch.full((n,), t, dtype=torch.long, device=x.device)
     if lengths.shape != (n,):
-        raise ValueError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
+        raise ModelError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
     lengths = lengths.to(x.device)
     if lengths.min() < 1 or lengths.max() > t:
-        raise ValueError(
+        raise ModelError(
             f"lengths must lie in [1, {t}], got min {lengths.min()} and max {lengths.max()}"
         )
     return lengths

@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 from typing import Sequence
 
+from repguide.errors import ModelError
 import torch
 from torch import Tensor, nn
 
@@ -62,7 +63,7 @@ class FCN(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+            raise ModelError(f"depth must be at least 1, got {depth}")
         self.flatten = nn.Flatten()
         in_features = math.prod(input_shape)
         self.blocks = nn.Sequential(
@@ -179,7 +180,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(blocks_per_stage) != 4:
-            raise ValueError(f"blocks_per_stage needs 4 stages, got {list(blocks_per_stage)}")
+            raise ModelError(f"blocks_per_stage needs 4 stages, got {list(blocks_per_stage)}")
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, width, 3, 1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
@@ -220,7 +221,7 @@ def _resnet(
     arch: str, residual: bool, in_channels: int, num_classes: int, width: int, small_input: bool
 ) -> ResNet:
     if arch not in _ARCHS:
-        raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
+        raise ModelError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
     blocks_per_stage, bottleneck = _ARCHS[arch]
     return ResNet(
         blocks_per_stage, bottleneck, residual, in_channels, num_classes, width, small_input
@@ -280,7 +281,7 @@ class ViT(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(
+            raise ModelError(
                 f"image_size ({image_size}) must be divisible by patch_size ({patch_size})"
             )
         self.image_size = image_size
@@ -295,7 +296,7 @@ class ViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
+            raise ModelError(
                 f"expected {self.image_size}×{self.image_size} images, got {tuple(x.shape[-2:])}"
             )
         x = self.patch_embed(x).flatten(2).transpose(1, 2)

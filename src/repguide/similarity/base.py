@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Callable
 
+from repguide.errors import MeasureError
 import torch
 from torch import Tensor
 
@@ -37,7 +38,7 @@ def register_measure(name: str) -> Callable:
 
     def decorator(obj):
         if name in _MEASURES:
-            raise ValueError(f"a similarity measure named {name!r} is already registered")
+            raise MeasureError(f"a similarity measure named {name!r} is already registered")
         cls = obj if isinstance(obj, type) else type(name, (_FunctionMeasure,), {"function": staticmethod(obj)})
         cls.name = name
         _MEASURES[name] = cls
@@ -56,7 +57,7 @@ def get_measure(name: str, **kwargs) -> "Measure":
     if name not in _MEASURES:
         close = difflib.get_close_matches(name, list(_MEASURES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise MeasureError(
             f"unknown similarity measure {name!r}; available: {', '.join(list_measures())}.{hint}"
         )
     return _MEASURES[name](**kwargs)
@@ -197,12 +198,12 @@ class Prepared:
 
 def _check_input(x: Tensor, min_n: int) -> None:
     if x.dim() != 2:
-        raise ValueError(
+        raise MeasureError(
             f"similarity inputs must be 2-D (n, d); got shape {tuple(x.shape)}. "
             "Flatten or pool activations to (n, d) first."
         )
     if x.shape[0] < min_n:
-        raise ValueError(f"this measure needs at least {min_n} examples (rows); got n={x.shape[0]}")
+        raise MeasureError(f"this measure needs at least {min_n} examples (rows); got n={x.shape[0]}")
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
@@ -210,9 +211,9 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+            raise MeasureError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise MeasureError(
             f"expected x: (n, d1) and y: (n, d2) with the same n; got x {tuple(x.shape)} and "
             f"y {tuple(y.shape)}"
         )

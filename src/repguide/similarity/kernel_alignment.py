@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from repguide.errors import MeasureError
 import torch
 from torch import Tensor
 
@@ -38,14 +39,14 @@ def cka(
     ``kernel="rbf"`` uses a Gaussian kernel with sigma = bandwidth * sqrt(median squared distance).
     """
     if estimator not in ("biased", "unbiased"):
-        raise ValueError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
+        raise MeasureError(f"estimator must be 'biased' or 'unbiased', got {estimator!r}")
     if kernel == "linear":
         return get_measure("cka" if estimator == "biased" else "cka_unbiased")(x, y)
     if kernel == "rbf":
         if estimator != "biased":
-            raise ValueError("kernel='rbf' is implemented with the biased estimator only")
+            raise MeasureError("kernel='rbf' is implemented with the biased estimator only")
         return get_measure("cka_rbf", bandwidth=bandwidth)(x, y)
-    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+    raise MeasureError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
 
 
 def use_gram_form(n: int, d1: int, d2: int) -> bool:
@@ -202,13 +203,13 @@ class MinibatchCKA:
         per layer of B, rows the same n >= 4 examples. Passing the same list twice compares a
         model with itself at the cost of one."""
         if (len(features_a), len(features_b)) != self.shape:
-            raise ValueError(f"expected {self.shape} layers, got ({len(features_a)}, {len(features_b)})")
+            raise MeasureError(f"expected {self.shape} layers, got ({len(features_a)}, {len(features_b)})")
         sizes = {x.shape[0] for x in itertools.chain(features_a, features_b)}
         if len(sizes) != 1:
-            raise ValueError(f"every layer must hold the same examples; got batch sizes {sorted(sizes)}")
+            raise MeasureError(f"every layer must hold the same examples; got batch sizes {sorted(sizes)}")
         n = sizes.pop()
         if n < 4:
-            raise ValueError(
+            raise MeasureError(
                 f"a minibatch needs at least 4 examples for the unbiased HSIC, got {n}; "
                 "drop the last, short batch (DataLoader(drop_last=True)) or use larger batches"
             )
@@ -233,7 +234,7 @@ class MinibatchCKA:
     def compute(self) -> Tensor:
         """The ``(num_a, num_b)`` CKA matrix (the mean over batches cancels in the ratio)."""
         if self.xy is None:
-            raise ValueError("no minibatch was added; the data gave no batches")
+            raise MeasureError("no minibatch was added; the data gave no batches")
         return safe_div(self.xy, safe_sqrt(self.xx)[:, None] * safe_sqrt(self.yy)[None, :])
 
 
@@ -252,7 +253,7 @@ class RbfCKA(Measure):
 
     def __init__(self, bandwidth: float = 1.0):
         if not bandwidth > 0:
-            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+            raise MeasureError(f"bandwidth must be positive, got {bandwidth}")
         self.bandwidth = bandwidth
 
     def needs_features(self, n: int, d: int, d_other: int) -> bool:
