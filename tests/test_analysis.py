@@ -135,15 +135,17 @@ def images(n=24, seed=0):
 def test_compare_returns_every_candidate_layer_of_each_model_in_execution_order():
     x, y = images()
     result = compare(mlp(), cnn(), [(x, y)])
-    assert result.layers_a == ["1", "3", "5"] and result.layers_b == ["0", "3", "6"]
-    assert result.matrix.shape == (3, 3) and result.matrix.dtype == torch.float64
+    # No blocks, so the leaf layers: the CNN's BatchNorm is one, under the default rule only.
+    assert result.layers_a == ["1", "3", "5"] and result.layers_b == ["0", "1", "3", "6"]
+    assert result.matrix.shape == (3, 4) and result.matrix.dtype == torch.float64
+    assert compare(mlp(), cnn(), [(x, y)], layers="leaves").layers_b == ["0", "3", "6"]
     assert result.examples == 24
 
 
 def test_compare_with_one_batch_equals_cka_unbiased_of_each_layer_pair():
     x, _ = images()
     a, b = mlp(), cnn()
-    result = compare(a, b, [x])
+    result = compare(a, b, [x], layers="leaves")  # the layers hooked below
     acts = {}
     hooks = [m.register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o.flatten(1)))
              for k, m in [("a1", a[1]), ("a5", a[5]), ("b0", b[0]), ("b3", b[3])]]
@@ -161,7 +163,7 @@ def test_comparing_a_model_with_itself_gives_a_symmetric_matrix_with_unit_diagon
     x, y = images(32)
     model = cnn()
     result = compare(model, model, [(x[:16], y[:16]), (x[16:], y[16:])])
-    torch.testing.assert_close(result.matrix.diagonal(), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(result.matrix.diagonal(), torch.ones(len(result.layers_a), dtype=torch.float64))
     torch.testing.assert_close(result.matrix, result.matrix.T)
 
 
@@ -334,7 +336,7 @@ def test_compare_command_writes_a_csv_and_a_heatmap(tmp_path, capsys):
     assert main(argv) == 0
     result = SimilarityMatrix.read_csv(f"{out}.csv")
     assert result.layers_a == ["layers.0", "layers.1", "head"]
-    assert result.layers_b[0] == "blocks.0.attn.qkv" and result.layers_b[-1] == "head"
+    assert result.layers_b == ["blocks.0", "blocks.1"]  # blocks: the output head is none of them
     assert Path(f"{out}.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
 
@@ -372,8 +374,8 @@ def test_compare_command_on_fashion_mnist_images(tmp_path):
             "--a-kwargs", "width=4", "--b-kwargs", "depth=3", "width=16", "--out", str(out)]
     assert main(argv) == 0
     result = SimilarityMatrix.read_csv(f"{out}.csv")
-    assert result.layers_a[0] == "conv1"
-    assert result.layers_b == ["blocks.0.linear", "blocks.1.linear", "blocks.2.linear", "head"]
+    assert result.layers_a[0] == "layer1.0"  # blocks: not the stem
+    assert result.layers_b == ["blocks.0", "blocks.1", "blocks.2"]
 
 
 def test_ordered_batches_cover_the_first_examples_in_order():

@@ -60,8 +60,10 @@ class LM(nn.Module):
 def test_recurrent_layers_give_batch_first_sequences(cell, batch_first):
     model = LM(cell, batch_first)
     infos = {i.name: i for i in rg.discover(model, torch.randint(0, 11, (3, 7)))}
-    assert infos["rnn"].shape == (3, 7, 12)
+    assert list(infos) == ["rnn.layer0", "rnn.layer1", "head"]  # every layer of the stacked module
+    assert infos["rnn.layer0"].shape == infos["rnn.layer1"].shape == (3, 7, 12)
     assert infos["head"].is_output
+    assert rg.discover(model, torch.randint(0, 11, (3, 7)), layers="leaves")[0].shape == (3, 7, 12)
 
 
 def test_packed_sequences_are_unpacked_batch_first():
@@ -86,7 +88,7 @@ def test_attention_and_transformer_layers_give_batch_first_outputs(batch_first):
         nn.TransformerEncoderLayer(d, 2, 16, batch_first=batch_first), 2, enable_nested_tensor=False
     )
     x = torch.randn(n, t, d) if batch_first else torch.randn(t, n, d)
-    infos = rg.discover(enc, x, input_batch_axis=0 if batch_first else 1)
+    infos = rg.discover(enc, x, layers="leaves", input_batch_axis=0 if batch_first else 1)
     names = [i.name for i in infos]
     assert names == [
         "layers.0.self_attn", "layers.0.linear1", "layers.0.linear2", "layers.0",

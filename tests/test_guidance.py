@@ -178,7 +178,7 @@ def test_guide_inputs_of_another_batch_size_are_an_error():
 
 
 def test_pairs_are_resolved_lazily_and_explain_how_to_resolve_them_early():
-    guidance = rg.Guidance(mlp(), small_cnn())
+    guidance = rg.Guidance(mlp(), small_cnn(), layers="leaves")
     with pytest.raises(RuntimeError, match="example_input"):
         guidance.pairs
     guidance(image_batch()[0])

@@ -147,9 +147,9 @@ def _probe_batch_axes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, 
     return axes
 
 
-def _layer_names(model: nn.Module, spec, args: tuple, kwargs: dict, axes: dict, role: str) -> list[str]:
+def _layer_names(model: nn.Module, spec, args: tuple, kwargs: dict, axes: dict, role: str, rule: str) -> list[str]:
     if spec is None:
-        return [info.name for info in discover(model, *args, batch_axes=axes, **kwargs)]
+        return [info.name for info in discover(model, *args, layers=rule, batch_axes=axes, **kwargs)]
     available = [info.name for info in discover(model, *args, types="all", batch_axes=axes, **kwargs)]
     return _select(spec, available, role)
 
@@ -163,6 +163,7 @@ def compare(
     layers_b: str | Sequence[str] | None = None,
     *,
     reduction: str = "flatten",
+    layers: str = "blocks",
     max_examples: int | None = None,
     inputs: Callable[[Batch], tuple[tuple, dict]] = split_batch,
     dtype: torch.dtype = torch.float64,
@@ -171,8 +172,8 @@ def compare(
     layer of ``model_b`` over ``batches`` (a DataLoader or any iterable; see :func:`split_batch`).
 
     ``layers_a``/``layers_b``: names or glob patterns (matched against every module, kept in
-    execution order); default: the candidate layers of :func:`repguide.layers`, output head
-    included. Both models run in eval mode under no_grad (their modes are restored), each on the
+    execution order); default: the candidate layers of :func:`repguide.layers` under the rule
+    ``layers`` (``"blocks"``, ``"leaves"`` or ``"all"``; the output head is one under the last two). Both models run in eval mode under no_grad (their modes are restored), each on the
     device of its parameters. ``reduction``: ``"flatten"`` or ``"mean"`` (see
     :func:`repguide.capture.reduce`). ``max_examples``: stop after this many examples. A batch
     of fewer than 4 examples after the first (a DataLoader's last) is left out: the unbiased
@@ -195,7 +196,7 @@ def compare(
             device = _device_of(model)
             args, kwargs = _move(*inputs(first), device)
             axes = _probe_batch_axes(model, args, kwargs) if _batch_size(args, kwargs) >= max(_PROBES) else {}
-            names.append(_layer_names(model, spec, args, kwargs, axes, role))
+            names.append(_layer_names(model, spec, args, kwargs, axes, role, layers))
             captures.append(Capture(model, names[-1], {k: v for k, v in axes.items() if k in names[-1]}, role=role))
             runs.append((model, captures[-1], device, role))
         result = MinibatchCKA(len(names[0]), len(names[-1]), dtype)

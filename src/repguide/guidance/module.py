@@ -15,7 +15,7 @@ from repguide.errors import GuidanceError
 import torch
 from torch import Tensor, nn
 
-from repguide.capture import REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
+from repguide.capture import LAYER_RULES, REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
 from repguide.pairing import Pair, PairSpec, resolve_pairs
 from repguide.guidance.guide_cache import GuideFeatureCache
 from repguide.guidance.guide_input import explain_guide_failure, noise_like
@@ -63,8 +63,12 @@ class Guidance(nn.Module):
             positions, ``"tokens"`` (per-position similarity, averaged).
         example_input: if given (a tensor or a tuple of positional args), layers are discovered
             and ``pairs`` resolved now; otherwise on the first call.
-        layer_types: module types that are candidate layers for ``"stretch"`` (see
-            :data:`repguide.capture.DEFAULT_LAYER_TYPES`); patterns match every module.
+        layers: which modules are candidate layers for ``"stretch"``: ``"blocks"`` (the model's
+            blocks, or its leaf layers where it has none), ``"leaves"`` (the module types of
+            :data:`repguide.capture.DEFAULT_LAYER_TYPES`) or ``"all"`` (see
+            :mod:`repguide.capture._discovery`); patterns match every module.
+        layer_types: a tuple of module classes that overrides ``layers`` (``"default"``, what
+            stored configs say, means ``layers="leaves"``).
         target_batch_axes / guide_batch_axes: ``{layer: axis}`` where a layer's batch axis is
             ambiguous. input_batch_axis: the batch axis of the inputs (1 for sequence-first).
         noise_seed: seed of the noise inputs; step k uses ``noise_seed + k``, so a resumed run
@@ -100,7 +104,8 @@ class Guidance(nn.Module):
         reduction: str = "flatten",
         *,
         example_input: Any = None,
-        layer_types: str | tuple[type, ...] = "default",
+        layers: str = "blocks",
+        layer_types: str | tuple[type, ...] | None = None,
         target_batch_axes: Mapping[str, int] | None = None,
         guide_batch_axes: Mapping[str, int] | None = None,
         input_batch_axis: int = 0,
@@ -114,6 +119,8 @@ class Guidance(nn.Module):
         super().__init__()
         if target is guide:
             raise GuidanceError("target and guide must be different modules (the guide is frozen)")
+        if layers not in LAYER_RULES:
+            raise GuidanceError(f"unknown layer rule {layers!r}; choose one of {', '.join(LAYER_RULES)}")
         if reduction not in REDUCTIONS:
             raise GuidanceError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
         if not (guide_input in ("same", "noise") or callable(guide_input)):
@@ -138,6 +145,7 @@ class Guidance(nn.Module):
         self.weight = weight
         self.guide_input = guide_input
         self.reduction = reduction
+        self.layers = layers
         self.layer_types = layer_types
         self.input_batch_axis = input_batch_axis
         self.noise_seed = noise_seed
@@ -187,7 +195,7 @@ class Guidance(nn.Module):
         for role, model, a, k in (("target", self.target, args, kwargs), ("guide", self.guide, g_args, g_kwargs)):
             with explain_guide_failure(self.guide_input) if role == "guide" else contextlib.nullcontext():
                 infos = discover(
-                    model, *a, types=types, batch_axes=self._batch_axes[role],
+                    model, *a, layers=self.layers, types=types, batch_axes=self._batch_axes[role],
                     input_batch_axis=self.input_batch_axis, **k,
                 )
             for info in infos:
@@ -215,8 +223,7 @@ class Guidance(nn.Module):
             for role, model in (("target", self.target), ("guide", self.guide))
         }
         # Registered after the capture's hooks, so they see each activation right after it is kept.
-        guide_modules = {self.guide.get_submodule(p.guide.partition("@")[0]) for p in pairs}
-        self._guide_hooks = [m.register_forward_hook(self._on_guide_layer) for m in guide_modules]
+        self._guide_hooks = [m.register_forward_hook(self._on_guide_layer) for m in self._captures["guide"].modules]
 
     def run_target_with(self, wrapper: Callable) -> None:
         """Call ``wrapper`` instead of the target module itself (e.g. its DDP or Fabric wrapper,

@@ -1,7 +1,8 @@
-"""Capturing layer activations with forward hooks, and discovering candidate layers.
+"""Forward hooks that record named layers' activations, normalised to batch-first tensors.
 
-A *layer* is a named submodule (``model.get_submodule(name)``); when a module runs several times in
-one forward pass (a shared block applied in a loop) its k-th call (from 0) is named ``"name@k"``.
+A *layer* is a named submodule (``model.get_submodule(name)``) or one layer of a stacked recurrent
+module (``"rnn.layer1"``, see :mod:`._recurrent`); when a module runs several times in one forward
+pass (a shared block applied in a loop) its k-th call (from 0) is named ``"name@k"``.
 Activations are normalised to batch-first tensors ``(n, ...)``: tuple outputs (RNNs, attention)
 give their first tensor, ``PackedSequence`` is unpacked batch-first, mappings (Hugging Face
 ``ModelOutput``) give their first tensor value. The batch axis is the one axis whose size is the
@@ -13,37 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import itertools
+import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from repguide.errors import LayerError
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-__all__ = [
-    "DEFAULT_LAYER_TYPES",
-    "REDUCTIONS",
-    "Capture",
-    "LayerInfo",
-    "discover",
-    "layers",
-    "reduce",
-]
-
-#: Module types that are layers by default: the paper's choice (linear maps, convolutions,
-#: recurrent layers, attention, Transformer layers), matched with isinstance so subclasses count.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.modules.conv._ConvNd,
-    nn.RNNBase,
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-)
+from repguide.capture._recurrent import layer_by_layer, stacked_layer, stacked_layer_names
+from repguide.errors import LayerError
 
 #: How a layer's activation becomes the (n, d) matrix a similarity measure compares.
 REDUCTIONS = ("flatten", "mean", "tokens")
@@ -69,18 +49,6 @@ _CHANNELS_FIRST_1D = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
 )
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One candidate layer found by :func:`discover`."""
-
-    name: str
-    module_type: str
-    shape: tuple[int, ...]  # batch-first activation shape on the example input
-    is_output: bool  # its activation is the model's output (the task head)
-    batch_axis: int = 0  # where the batch is in the module's raw output
-    channels_first: bool = False  # features on axis 1, positions after (conv maps)
 
 
 def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
@@ -154,20 +122,25 @@ def reduce(activation: Tensor, how: str, channels_first: bool = False) -> Tensor
 
 
 class _LayerRef:
-    """A layer name resolved to its module and call index."""
+    """A layer name resolved to its module, call index and, for a stacked recurrent module's
+    layer, the layer's index (else None)."""
 
     def __init__(self, model: nn.Module, name: str, role: str = "model"):
         base, _, call = name.partition("@")
         self.name, self.base = name, base
         self.call = int(call) if call else 0
+        self.layer: int | None = None
         try:
             self.module = model.get_submodule(base)
         except AttributeError:
-            raise LayerError(_unknown_layer_message(name, _module_names(model), role)) from None
+            found = stacked_layer(model, base)
+            if found is None:
+                raise LayerError(_unknown_layer_message(name, _module_names(model), role)) from None
+            self.module, self.layer = found
 
 
 def _module_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules() if name]
+    return [name for name, _ in model.named_modules() if name] + stacked_layer_names(model)
 
 
 def _unknown_layer_message(name: str, available: Sequence[str], role: str) -> str:
@@ -260,10 +233,13 @@ class Capture:
         self.names = list(dict.fromkeys(names))
         self.normalise = _Normaliser(model, batch_axes)
         self._refs = [_LayerRef(model, name, role) for name in self.names]
-        self._wanted: dict[nn.Module, dict[int, str]] = {}
+        # module → {(call, layer or None for the module's own output): name}
+        self._wanted: dict[nn.Module, dict[tuple[int, int | None], str]] = {}
         for ref in self._refs:
-            self._wanted.setdefault(ref.module, {})[ref.call] = ref.name
+            self._wanted.setdefault(ref.module, {})[ref.call, ref.layer] = ref.name
+        # The hooks also count the calls of stacked recurrent modules of which only layers are wanted.
         self._handles = [m.register_forward_hook(self._hook) for m in self._wanted]
+        self._stacked = [m for m, wanted in self._wanted.items() if any(layer is not None for _, layer in wanted)]
         self._active = False
         self._calls: dict[nn.Module, int] = {}
         self._acts: dict[str, Tensor] = {}
@@ -273,9 +249,20 @@ class Capture:
             return
         call = self._calls.get(module, 0)
         self._calls[module] = call + 1
-        name = self._wanted[module].get(call)
+        name = self._wanted[module].get((call, None))
         if name is not None:
             self._acts[name] = self.normalise(name, module, output)
+
+    def _on_layer(self, module: nn.Module, layer: int, output: Any) -> None:
+        """One layer of a stacked recurrent module has run (before the module's own hook)."""
+        name = self._wanted[module].get((self._calls.get(module, 0), layer))
+        if name is not None:
+            self._acts[name] = self.normalise(name, module, output)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The modules whose forward hooks record the layers (for hooks of one's own after them)."""
+        return list(self._wanted)
 
     @contextlib.contextmanager
     def record(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
@@ -284,7 +271,8 @@ class Capture:
         self.normalise.batch_size = batch_size
         self._active = True
         try:
-            yield self._acts
+            with layer_by_layer({m: functools.partial(self._on_layer, m) for m in self._stacked}):
+                yield self._acts
         finally:
             self._active = False
             self._calls = {}
@@ -303,136 +291,6 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _candidate_modules(model: nn.Module, types: str | tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    if types == "default":
-        types = DEFAULT_LAYER_TYPES
-    chosen = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, _CONTAINERS):
-            continue
-        if types == "all" or isinstance(module, types):
-            chosen.append((name, module))
-    return chosen
-
-
-@contextlib.contextmanager
-def _no_side_effects(model: nn.Module) -> Iterator[None]:
-    """Run a probing forward without touching buffers (BatchNorm statistics) or the global RNG."""
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    # The CUDA generators of the devices the model lives on too: dropout there draws from them.
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
-        yield
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name in saved:
-                buf.copy_(saved[name])
-
-
-def discover(
-    model: nn.Module,
-    *example_args: Any,
-    types: str | tuple[type, ...] = "default",
-    batch_axes: Mapping[str, int] | None = None,
-    input_batch_axis: int = 0,
-    **example_kwargs: Any,
-) -> list[LayerInfo]:
-    """Candidate layers of ``model`` in forward execution order, found with probing forwards.
-
-    The model runs twice, on the example batch and on it with its first example repeated, in its
-    current train/eval mode, under no_grad, with its buffers and the RNG restored afterwards. A
-    layer's batch axis is the one axis that grew by one, so it is found even when another axis has
-    the batch size. Layers whose output has no such axis are not candidates.
-    """
-    n = _batch_size(example_args, example_kwargs, input_batch_axis)
-    chosen = _candidate_modules(model, types)
-    order, final = _probe(model, chosen, example_args, example_kwargs)
-    grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
-    try:
-        grown = {name: _shape(output) for name, _, output in _probe(model, chosen, grown_args, grown_kwargs)[0]}
-    except Exception:  # a model tied to its batch size (e.g. a fixed memory tensor): no probe
-        grown = {}
-    axes = dict(batch_axes or {})
-    for name, _, output in order:
-        axis = _grown_axis(_shape(output), grown.get(name), n)
-        if axis is not None:
-            axes.setdefault(name, axis)
-    normalise = _Normaliser(model, axes)
-    normalise.batch_size = n
-    infos = []
-    for name, module, output in order:
-        tensor = _first_tensor(output)
-        if tensor is None:
-            continue
-        try:
-            activation = normalise(name, module, output)
-        except ValueError as err:
-            if "ambiguous" in str(err):
-                raise
-            continue  # no batch axis at all: not a per-example representation
-        axis = 0 if isinstance(tensor, PackedSequence) else normalise.batch_axes[name]
-        infos.append(LayerInfo(
-            name, type(module).__name__, tuple(activation.shape), tensor is final, axis,
-            normalise.channels_first[name],
-        ))
-    return infos
-
-
-def _probe(model, chosen, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
-    order: list[tuple[str, nn.Module, Any]] = []
-    calls: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, inputs: Any, output: Any, name: str) -> None:
-        k = calls.get(module, 0)
-        calls[module] = k + 1
-        order.append((name if k == 0 else f"{name}@{k}", module, output))
-
-    handles = [module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, module in chosen]
-    try:
-        with _no_side_effects(model):
-            output = model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, _first_tensor(output)
-
-
-def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> tuple[tuple, dict]:
-    """The example inputs with their first example appended along the batch axis."""
-
-    def grow(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == n:
-            return torch.cat([value, value.narrow(axis, 0, 1)], dim=axis)
-        return value
-
-    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
-
-
-def _shape(output: Any) -> tuple[int, ...] | None:
-    tensor = _first_tensor(output)
-    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
-
-
-def _grown_axis(before: tuple[int, ...] | None, after: tuple[int, ...] | None, n: int) -> int | None:
-    """The one axis of size n that became n + 1 while every other axis stayed the same."""
-    if before is None or after is None or len(before) != len(after):
-        return None
-    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
-    if len(changed) == 1 and before[changed[0]] == n and after[changed[0]] == n + 1:
-        return changed[0]
-    return None
-
-
-def layers(model: nn.Module, *example_args: Any, types: str | tuple[type, ...] = "default", **kwargs: Any) -> list[str]:
-    """Names of ``model``'s candidate layers in forward execution order (see :func:`discover`).
-
-    ``types``: ``"default"`` (linear, conv, recurrent, attention and Transformer layers),
-    ``"all"`` (every non-container module) or a tuple of module classes.
-    """
-    return [info.name for info in discover(model, *example_args, types=types, **kwargs)]
 
 
 def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:

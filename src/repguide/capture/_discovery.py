@@ -1,0 +1,273 @@
+"""Candidate layers of a model, in forward execution order.
+
+Three rules (``layers=``):
+
+- ``"blocks"`` (default): the model's *blocks*, i.e. the non-leaf children of an ``nn.ModuleList`` or
+  ``nn.Sequential`` that have at least one sibling of the same class, taking the outermost such
+  groups (``transformer.h.N``, ``encoder.layer.N``, ``model.layers.N``, ``blocks.N``, the residual
+  blocks of each ResNet stage). A layer is a block's output: what Hugging Face's
+  ``output_hidden_states`` and timm's ``forward_intermediates`` expose, except that the last one is
+  the last block's output, before any final norm. The embedding or stem is not a layer. A model
+  with no blocks falls back to its leaf layers: linear maps (``nn.Linear``, Hugging Face's
+  ``Conv1D``), convolutions, every layer of a recurrent module, attention, Transformer layers and
+  normalisation layers.
+- ``"leaves"``: modules of :data:`DEFAULT_LAYER_TYPES` (repguide's default before blocks; a
+  stacked recurrent module is one layer).
+- ``"all"``: every non-container module, and every layer of a stacked recurrent module.
+
+``types=`` (a tuple of module classes) overrides the rule; the strings ``"default"`` (= ``"leaves"``,
+what stored configs say) and ``"all"`` are accepted there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from repguide.capture._hooks import _CONTAINERS, _batch_size, _first_tensor, _Normaliser
+from repguide.capture._recurrent import is_stacked, layer_by_layer, layer_name
+from repguide.errors import LayerError
+
+#: The ways of choosing candidate layers; see the module docstring.
+LAYER_RULES = ("blocks", "leaves", "all")
+
+#: The ``"leaves"`` rule: the paper's choice (linear maps, convolutions, recurrent layers,
+#: attention, Transformer layers), matched with isinstance so subclasses count.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+# Leaf layers of a model without blocks; Hugging Face's Conv1D and norms (LlamaRMSNorm, ...) by
+# class name, so that transformers need not be imported.
+_LEAF_TYPES = DEFAULT_LAYER_TYPES + (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_LOOKED_FOR = {
+    "blocks": "blocks (non-leaf children of an nn.ModuleList/nn.Sequential with a sibling of the same "
+    "class) and, there being none, leaf layers (Linear, Conv1D, convolutions, recurrent, attention, "
+    "Transformer and normalisation layers)",
+    "leaves": "modules of repguide.capture.DEFAULT_LAYER_TYPES (Linear, Bilinear, convolutions, "
+    "recurrent, MultiheadAttention, Transformer layers)",
+    "all": "every module",
+}
+
+Named = list[tuple[str, nn.Module]]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One candidate layer found by :func:`discover`."""
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...]  # batch-first activation shape on the example input
+    is_output: bool  # its activation is the model's output (the task head)
+    batch_axis: int = 0  # where the batch is in the module's raw output
+    channels_first: bool = False  # features on axis 1, positions after (conv maps)
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The model's blocks (see the module docstring), in registration order."""
+    blocks: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = list(module.named_children())
+        kinds = Counter(type(c) for _, c in children if _has_children(c))
+        grouped = isinstance(module, (nn.ModuleList, nn.Sequential))
+        for name, child in children:
+            full = f"{prefix}.{name}" if prefix else name
+            if grouped and _has_children(child) and kinds[type(child)] > 1:
+                blocks.append(full)  # outermost: a block's insides are not searched
+            else:
+                visit(full, child)
+
+    visit("", model)
+    return blocks
+
+
+def _has_children(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def _is_leaf_layer(module: nn.Module) -> bool:
+    kind = type(module).__name__
+    return isinstance(module, _LEAF_TYPES) or kind == "Conv1D" or kind.endswith("Norm")
+
+
+def _candidates(model: nn.Module, layers: str, types: str | tuple[type, ...] | None) -> tuple[Named, Named, str]:
+    """(modules whose outputs are candidates, stacked recurrent modules whose every layer is,
+    what was looked for)."""
+    if isinstance(types, tuple):
+        kinds = ", ".join(t.__name__ for t in types)
+        return [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)], [], f"modules of type {kinds}"
+    if types is not None:
+        if types not in ("default", "all"):
+            raise LayerError(f"types must be a tuple of module classes, 'default' or 'all'; got {types!r}")
+        layers = "leaves" if types == "default" else "all"
+    if layers not in LAYER_RULES:
+        raise LayerError(f"unknown layer rule {layers!r}; choose one of {', '.join(LAYER_RULES)}")
+    modules = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, _CONTAINERS)]
+    if layers == "leaves":
+        return [(n, m) for n, m in modules if isinstance(m, DEFAULT_LAYER_TYPES)], [], _LOOKED_FOR[layers]
+    stacked = [(n, m) for n, m in modules if is_stacked(m)]
+    if layers == "all":
+        return modules, stacked, _LOOKED_FOR[layers]
+    blocks = block_names(model)
+    if blocks:
+        return [(n, model.get_submodule(n)) for n in blocks], [], _LOOKED_FOR[layers]
+    leaves = [(n, m) for n, m in modules if _is_leaf_layer(m) and not is_stacked(m)]
+    return leaves, stacked, _LOOKED_FOR[layers]
+
+
+def _no_layer_message(model: nn.Module, looked_for: str) -> str:
+    kinds = Counter(type(m).__name__ for n, m in model.named_modules() if n and not isinstance(m, _CONTAINERS))
+    common = ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common(5)) or "none"
+    return (
+        f"{type(model).__name__} has no candidate layer: discovery looked for {looked_for}, and found "
+        f"none whose output holds the batch. Its most common module types: {common}. Name the layer "
+        "types with layer_types=(...) (types= in repguide.layers / discover), or give the pairs "
+        "explicitly with pairs=[(target_layer, guide_layer), ...]."
+    )
+
+
+@contextlib.contextmanager
+def _no_side_effects(model: nn.Module) -> Iterator[None]:
+    """Run a probing forward without touching buffers (BatchNorm statistics) or the global RNG."""
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    # The CUDA generators of the devices the model lives on too: dropout there draws from them.
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        yield
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
+
+
+def discover(
+    model: nn.Module,
+    *example_args: Any,
+    layers: str = "blocks",
+    types: str | tuple[type, ...] | None = None,
+    batch_axes: Mapping[str, int] | None = None,
+    input_batch_axis: int = 0,
+    **example_kwargs: Any,
+) -> list[LayerInfo]:
+    """Candidate layers of ``model`` in forward execution order, found with probing forwards.
+
+    ``layers``: ``"blocks"``, ``"leaves"`` or ``"all"``; ``types``: module classes that override
+    it (see the module docstring). The model runs twice, on the example batch and on it with its
+    first example repeated, in its current train/eval mode, under no_grad, with its buffers and the
+    RNG restored afterwards. A layer's batch axis is the one axis that grew by one, so it is found
+    even when another axis has the batch size. Layers whose output has no such axis are not
+    candidates; a model with no candidate at all is an error that says what to do.
+    """
+    n = _batch_size(example_args, example_kwargs, input_batch_axis)
+    chosen, stacked, looked_for = _candidates(model, layers, types)
+    order, final = _probe(model, chosen, stacked, example_args, example_kwargs)
+    grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
+    try:
+        grown_order = _probe(model, chosen, stacked, grown_args, grown_kwargs)[0]
+        grown = {name: _shape(output) for name, _, output in grown_order}
+    except Exception:  # a model tied to its batch size (e.g. a fixed memory tensor): no probe
+        grown = {}
+    axes = dict(batch_axes or {})
+    for name, _, output in order:
+        axis = _grown_axis(_shape(output), grown.get(name), n)
+        if axis is not None:
+            axes.setdefault(name, axis)
+    normalise = _Normaliser(model, axes)
+    normalise.batch_size = n
+    infos = []
+    for name, module, output in order:
+        tensor = _first_tensor(output)
+        if tensor is None:
+            continue
+        try:
+            activation = normalise(name, module, output)
+        except ValueError as err:
+            if "ambiguous" in str(err):
+                raise
+            continue  # no batch axis at all: not a per-example representation
+        axis = 0 if isinstance(tensor, PackedSequence) else normalise.batch_axes[name]
+        infos.append(LayerInfo(
+            name, type(module).__name__, tuple(activation.shape), tensor is final, axis,
+            normalise.channels_first[name],
+        ))
+    if not infos:
+        raise LayerError(_no_layer_message(model, looked_for))
+    return infos
+
+
+def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
+    """One forward: ``[(name, module, raw output)]`` in execution order, and the model's output."""
+    order: list[tuple[str, nn.Module, Any]] = []
+    calls: Counter[str] = Counter()
+
+    def record(name: str, module: nn.Module, output: Any) -> None:
+        k = calls[name]
+        calls[name] += 1
+        order.append((name if k == 0 else f"{name}@{k}", module, output))
+
+    handles = [m.register_forward_hook(lambda m, a, o, name=name: record(name, m, o)) for name, m in chosen]
+    by_layer = {m: lambda layer, o, name=name, m=m: record(layer_name(name, layer), m, o) for name, m in stacked}
+    try:
+        with _no_side_effects(model), layer_by_layer(by_layer):
+            output = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, _first_tensor(output)
+
+
+def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> tuple[tuple, dict]:
+    """The example inputs with their first example appended along the batch axis."""
+
+    def grow(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == n:
+            return torch.cat([value, value.narrow(axis, 0, 1)], dim=axis)
+        return value
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _shape(output: Any) -> tuple[int, ...] | None:
+    tensor = _first_tensor(output)
+    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+
+
+def _grown_axis(before: tuple[int, ...] | None, after: tuple[int, ...] | None, n: int) -> int | None:
+    """The one axis of size n that became n + 1 while every other axis stayed the same."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if len(changed) == 1 and before[changed[0]] == n and after[changed[0]] == n + 1:
+        return changed[0]
+    return None
+
+
+def layers(
+    model: nn.Module,
+    *example_args: Any,
+    layers: str = "blocks",
+    types: str | tuple[type, ...] | None = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Names of ``model``'s candidate layers in forward execution order (see :func:`discover`).
+
+    ``layers``: ``"blocks"`` (default), ``"leaves"`` or ``"all"``; ``types``: a tuple of module
+    classes that overrides it.
+    """
+    return [info.name for info in discover(model, *example_args, layers=layers, types=types, **kwargs)]
