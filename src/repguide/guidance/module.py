@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repguide.errors import GuidanceError
+from repguide.guidance.diagnostics import Diagnosable
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +44,7 @@ class GuidanceOutput:
 _PRECISIONS = ("fp32", "bf16")
 
 
-class Guidance(nn.Module):
+class Guidance(Diagnosable, nn.Module):
     """Train ``target`` with an alignment term to the frozen ``guide``.
 
     Args:

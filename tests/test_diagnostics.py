@@ -1,0 +1,86 @@
+"""Pair diagnostics: what each pair starts from, its shuffled-batch floor, and where a guide layer's
+across-example variance sits."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import repguide as rg
+from repguide import data, models
+from repguide.guidance import variance_shares
+
+
+def _shares_reference(a: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """From the definition, with loops: Σ_{(i,t) in group} ‖a[i,t] − mean_i a[:,t]‖² / Σ_{all (i,t)}."""
+    n, t, _ = a.shape
+    dev = np.zeros((n, t))
+    for j in range(t):
+        mean = a[:, j].mean(axis=0)
+        for i in range(n):
+            dev[i, j] = ((a[i, j] - mean) ** 2).sum()
+    return {k: float((dev * np.broadcast_to(m, dev.shape)).sum() / dev.sum()) for k, m in masks.items()}
+
+
+def test_variance_shares_match_a_float64_reference_and_complementary_groups_sum_to_one():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, 3, generator=g) * torch.linspace(0.1, 2, 5)[None, :, None]
+    per_example = torch.rand(7, 5, generator=g) > 0.5
+    fixed = torch.tensor([True, False, False, True, False])
+    masks = {"per_example": per_example, "rest": ~per_example, "fixed": fixed}
+    ours = variance_shares(a, masks)
+    ref = _shares_reference(a.double().numpy(), {k: v.numpy() for k, v in masks.items()})
+    for k in masks:
+        assert ours[k] == pytest.approx(ref[k], abs=1e-12)
+    assert ours["per_example"] + ours["rest"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_variance_shares_refuse_a_group_of_the_wrong_shape():
+    with pytest.raises(rg.errors.GuidanceError, match="position group 'copy' has shape"):
+        variance_shares(torch.randn(4, 6, 2), {"copy": torch.ones(5, dtype=torch.bool)})
+
+
+def _copy_batch(n: int = 128):
+    splits = data.create("copy_paste", min_len=20, max_len=20, train_size=n, val_size=4, test_size=4)
+    x, y = splits.train.tensors[0][:n], splits.train.tensors[1][:n]
+    return x, {"copy": y != data.IGNORE_INDEX}
+
+
+@pytest.mark.parametrize("layers", ["blocks", "leaves"])
+def test_our_untrained_copy_transformer_carries_no_variance_at_the_copy_positions(layers):
+    x, positions = _copy_batch()
+    torch.manual_seed(0)
+    guide = models.copy_transformer()
+    guidance = rg.Guidance(models.copy_rnn(num_layers=2), guide, layers=layers)
+    for d in guidance.diagnose(x, positions=positions):
+        assert d.shares["all"] == 1.0 and d.shares["copy"] < 1e-3, d
+
+
+def test_an_untrained_guide_built_like_the_official_one_carries_variance_at_the_copy_positions():
+    x, positions = _copy_batch()
+    torch.manual_seed(0)
+    guide = models.copy_transformer(norm="post", scale_embeddings=True, init="torch", memory="causal")
+    guidance = rg.Guidance(models.copy_rnn(num_layers=2), guide)
+    found = {d.guide: d for d in guidance.diagnose(x, positions=positions)}
+    assert list(found) == ["blocks.0", "blocks.3"]
+    assert found["blocks.3"].shares["copy"] > 0.2
+    assert all(d.floor < d.similarity for d in found.values())
+
+
+def test_a_pair_that_starts_at_one_is_flagged_and_the_networks_are_left_as_they_were():
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    guide = copy.deepcopy(target)
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    guidance = rg.Guidance(target, guide, layers="leaves", pairs=[("0", "0"), ("3", "3")])
+    target.train()
+    result = guidance.diagnose(torch.randn(32, 6))
+    assert [d.similarity for d in result] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert all(d.warning and "within 0.02 of 1" in d.warning for d in result)
+    assert all(d.floor < 0.9 for d in result)
+    assert target.training and not guide.training
+    assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items())
