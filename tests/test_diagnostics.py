@@ -84,3 +84,68 @@ def test_a_pair_that_starts_at_one_is_flagged_and_the_networks_are_left_as_they_
     assert all(d.floor < 0.9 for d in result)
     assert target.training and not guide.training
     assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items())
+
+
+def test_a_stored_config_with_the_old_layer_types_key_keeps_its_leaf_pairs():
+    from repguide.config import load_recipe, upgrade
+
+    recipe = load_recipe("copy_rnn_untrained_transformer", "tiny").model_dump(mode="json")
+    assert recipe["guidance"]["layers"] == "leaves"  # shipped recipes state their rule
+    stored = {**recipe, "guidance": {k: v for k, v in recipe["guidance"].items() if k != "layers"}}
+    stored["guidance"]["layer_types"] = "default"  # how runs made before `layers` stored it
+    assert upgrade(stored) == recipe
+    stored["guidance"]["layer_types"] = "all"
+    assert upgrade(stored)["guidance"]["layers"] == "all"
+
+
+def test_every_guided_recipe_states_its_layer_rule():
+    from repguide.config import _raw_recipe, list_recipes, load_recipe
+
+    for name in list_recipes():
+        config = load_recipe(name, "tiny")
+        if config.guidance.mode != "none":
+            assert "layers" in _raw_recipe(name).get("guidance", {}), name
+
+
+def test_layers_command_feeds_a_sequence_model_token_ids(capsys):
+    from repguide.cli import main
+
+    assert main(["layers", "copy_transformer", "dim=16", "depth=2", "heads=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "# copy_transformer: blocks layers, on an example of copy_paste"
+    assert [line.split()[0] for line in out[1:]] == ["blocks.0", "blocks.1"]
+    assert main(["layers", "copy_transformer", "--layers", "leaves"]) == 0
+    assert "blocks.0.attn.qkv" in capsys.readouterr().out
+
+
+def test_layers_command_on_data_the_model_cannot_take_says_to_give_data(tmp_path, capsys):
+    from repguide.cli import main
+
+    assert main(["layers", "deep_fcn", "--data", "copy_paste", "--data-kwargs", "train_size=16", "val_size=4", "test_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'deep_fcn' cannot run on an example of data set 'copy_paste'" in err and "--data" in err
+
+
+def test_pairs_command_prints_each_pair_with_its_floor_and_shares(capsys):
+    from repguide.cli import main
+
+    assert main(["pairs", "copy_rnn_untrained_transformer", "--scale", "tiny", "guidance.layers=blocks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["target", "guide", "similarity", "floor", "share", "copy", "share", "source"]
+    assert [line.split()[:2] for line in out[2:]] == [["layers.0", "blocks.0"], ["layers.1", "blocks.1"]]
+    assert main(["pairs", "copy_rnn_baseline", "--scale", "tiny"]) == 2
+    assert "guidance.mode='none' has no pairs" in capsys.readouterr().err
+
+
+def test_a_guided_run_writes_its_pair_diagnostics(tmp_path):
+    import json
+
+    from repguide.config import load_recipe
+    from repguide.train import train
+
+    config = load_recipe("copy_rnn_untrained_transformer", "tiny", {"train.max_steps": 1})
+    train(config, tmp_path, quiet=True)
+    report = json.loads((tmp_path / config.name / "pairs.json").read_text())
+    assert [(d["target"], d["guide"]) for d in report] == [("layers.0", "blocks.0.attn.qkv"), ("layers.1", "blocks.1.mlp.fc2")]
+    assert set(report[0]) == {"target", "guide", "similarity", "floor", "shares", "warning"}
+    assert set(report[0]["shares"]) == {"all", "source", "copy"}

@@ -43,18 +43,55 @@ def _recipes(args: argparse.Namespace) -> int:
 def _layers(args: argparse.Namespace) -> int:
     import torch
 
-    from repguide import data, models
+    from repguide import data
+    from repguide.build import build_model
     from repguide.capture import discover
     from repguide.config import ModelConfig, parse_overrides
-    from repguide.build import build_model
 
-    splits = data.create(args.data, **parse_overrides(args.data_kwargs))
+    name, kwargs = _example_data(args.model) if args.data is None else (args.data, parse_overrides(args.data_kwargs))
+    splits = data.create(name, **kwargs)
     model = build_model(ModelConfig(name=args.model, kwargs=parse_overrides(args.kwargs)), splits, 0)
     *inputs, _ = splits.train.batch(torch.arange(min(8, len(splits.train))))
-    for info in discover(model, *inputs, types=args.types):
+    try:
+        found = discover(model, *inputs, layers=args.layers)
+    except (RuntimeError, TypeError, IndexError) as err:
+        raise ArgumentError(
+            f"model {args.model!r} cannot run on an example of data set {name!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); give the data it takes with --data"
+        ) from err
+    print(f"# {args.model}: {args.layers} layers, on an example of {name}")
+    for info in found:
         head = "  (output head)" if info.is_output else ""
         print(f"{info.name:40s} {info.module_type:28s} {str(info.shape[1:]):20s}{head}")
-    del models
+    return 0
+
+
+def _example_data(model: str) -> tuple[str, dict]:
+    """The data set (and its tiny-scale options) of the first shipped recipe that uses ``model`` as
+    its target or guide, so a sequence model gets token ids; Fashion-MNIST for any other model."""
+    from repguide.config import list_recipes, load_recipe
+
+    for recipe in list_recipes():
+        config = load_recipe(recipe, "tiny")
+        guide = config.guidance.guide
+        if model in (config.model.name, guide.name if guide else None):
+            return config.data.name, dict(config.data.kwargs)
+    return "fashion_mnist", {}
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from repguide.config import load_recipe, parse_overrides
+    from repguide.train import pair_diagnostics
+
+    config = load_recipe(args.recipe, args.scale, parse_overrides(args.overrides))
+    report = pair_diagnostics(config, args.runs_dir)
+    groups = sorted({g for d in report for g in d.shares if g != "all"})
+    print(f"# {config.name} ({args.scale}): {config.guidance.measure} on one batch of {config.train.batch_size}; "
+          "floor = the same pair on a shuffled batch; share = the guide layer's across-example variance there")
+    print(f"{'target':24s} {'guide':28s} {'similarity':>10s} {'floor':>7s}" + "".join(f" {'share ' + g:>12s}" for g in groups))
+    for d in report:
+        shares = "".join(f" {d.shares.get(g, float('nan')):12.3f}" for g in groups)
+        print(f"{d.target:24s} {d.guide:28s} {d.similarity:10.3f} {d.floor:7.3f}{shares}" + (f"  ! {d.warning}" if d.warning else ""))
     return 0
 
 
@@ -130,7 +167,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     a, b, dataset = _two_models(args)
     batches = ordered_batches(dataset, args.batch_size, args.examples)
-    result = compare(a, b, batches, args.layers_a, args.layers_b, reduction=args.reduction)
+    result = compare(a, b, batches, args.layers_a, args.layers_b, reduction=args.reduction, layers=args.layers)
     out = args.out or f"compare_{Path(args.a).name}_{Path(args.b).name}".replace(":", "_")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     title = f"{args.a} vs {args.b}: minibatch linear CKA, {result.examples} {args.split} examples"
@@ -205,10 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="list a model's candidate layers in execution order")
     layers.add_argument("model")
     layers.add_argument("kwargs", nargs="*", help="model size knobs, key=value")
-    layers.add_argument("--data", default="fashion_mnist", help="data set giving the example input")
+    layers.add_argument("--data", default=None, help="data set giving the example input (default: the data of a recipe using the model)")
     layers.add_argument("--data-kwargs", nargs="*", default=[])
-    layers.add_argument("--types", default="default", choices=["default", "all"])
+    layers.add_argument("--layers", default="blocks", choices=["blocks", "leaves", "all"], help="the layer rule")
     layers.set_defaults(func=_layers)
+
+    pairs = sub.add_parser("pairs", help="a recipe's pairs before training: initial similarity, floor, variance shares")
+    pairs.add_argument("recipe")
+    pairs.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    pairs.add_argument("--scale", default="small", choices=["tiny", "small", "paper"])
+    pairs.add_argument("--runs-dir", default="runs", help="where a trained guide's run is found")
+    pairs.set_defaults(func=_pairs)
 
     demo = sub.add_parser("demo", help="guided vs unguided deep FCN on Fashion-MNIST (a few minutes)")
     demo.add_argument("--runs-dir", default="runs")
@@ -218,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="layer×layer similarity of two models over a data set (CSV + heatmap)")
     _add_model_pair(cmp)
+    cmp.add_argument("--layers", default="blocks", choices=["blocks", "leaves", "all"], help="the layer rule (default: blocks)")
     cmp.add_argument("--layers-a", nargs="*", default=None, help="layer names or globs (default: candidate layers)")
     cmp.add_argument("--layers-b", nargs="*", default=None)
     cmp.add_argument("--reduction", default="flatten", choices=["flatten", "mean"])

@@ -166,8 +166,8 @@ def plot_alignment(
     pairs = _guided_pairs(run_dir)
     *example, _ = dataset.batch(torch.arange(min(8, len(dataset))))
     # The candidate layers, plus any paired layer that is not one (patterns may name any module).
-    target_layers = layers(start, *example) + [t for t, _ in pairs]
-    guide_layers = layers(guide, *example) + [g for _, g in pairs]
+    target_layers = layers(start, *example, layers=config.guidance.layers) + [t for t, _ in pairs]
+    guide_layers = layers(guide, *example, layers=config.guidance.layers) + [g for _, g in pairs]
     written, results = [], []
     for label, target in (("start", start), ("end", end)):
         result = compare(target, guide, ordered_batches(dataset, batch_size, examples),

@@ -203,6 +203,11 @@ class RunDir:
         f = self.path / "config.yaml"
         return yaml.safe_load(f.read_text()) if f.exists() else None
 
+    def write_json(self, name: str, obj: Any) -> None:
+        """One of the run's own JSON files (``name`` in OWN_FILES), written atomically."""
+        assert name in OWN_FILES, name
+        _atomic_write_text(self.path / name, json.dumps(obj, indent=2))
+
     def write_summary(self, summary: dict) -> None:
         _atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 

@@ -19,13 +19,13 @@ from repguide import data as datasets
 from repguide.build import build_model, first_mismatch, load_guide, weights_hash
 from repguide.config import RunConfig, upgrade
 from repguide.errors import ConfigError
-from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter
+from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, PairDiagnostic
 from repguide.runs import CheckpointError, MetricsLog, RunDir, atomic_save
 from repguide.steps import (
     Evaluation, Head, NonFiniteError, Schedule, StepContext, better, evaluate, pair_column, step_seed, train_step,
 )
 
-__all__ = ["diff_keys", "gather_batches", "train"]
+__all__ = ["diff_keys", "gather_batches", "pair_diagnostics", "train"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +169,13 @@ def _set_up(fabric, config: RunConfig, run: RunDir) -> _Training:
     guide_hash = weights_hash(guide) if guide is not None else None
     schedule = Schedule.of(config, splits.train, fabric.global_rank, fabric.world_size)
     guidance = _guidance(config, target, guide, schedule, fabric.world_size) if gc.mode == "guide" else None
+    fresh = not any((run.path / f).exists() for f in ("pairs.json", "last.ckpt", "prev.ckpt"))
+    if guidance is not None and fabric.global_rank == 0 and fresh:  # a resume changes nothing before it loads
+        report = _diagnose(config, guidance, schedule)
+        run.write_json("pairs.json", [d.as_dict() for d in report])
+        for d in report:
+            if d.warning:
+                warnings.warn(f"pair ({d.target}, {d.guide}) {d.warning} (see {run.path / 'pairs.json'})", stacklevel=2)
     model, optimizer = fabric.setup(target, _optimizer(oc, target.parameters()))
     if guide is not None:
         guide = fabric.to_device(guide).eval()
@@ -189,7 +196,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
     (*example_input, _), _ = schedule.batch(0)
     guidance = Guidance(
         target, guide, pairs=pairs, measure=gc.measure, weight=weight,
-        guide_input=gc.guide_input, reduction=gc.reduction, layer_types=gc.layer_types,
+        guide_input=gc.guide_input, reduction=gc.reduction, layers=gc.layers,
         example_input=tuple(example_input), noise_seed=step_seed(tc.seed, 7919, schedule.rank),
         all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
         guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim,
@@ -203,6 +210,25 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
             "train.batch_size (or use guidance.measure=cka)"
         )
     return guidance
+
+
+def _diagnose(config: RunConfig, guidance: Guidance, schedule: Schedule) -> list[PairDiagnostic]:
+    """Every pair's diagnostics on the first training batch, with the task's position groups."""
+    (*inputs, y), _ = schedule.batch(0)
+    positions = datasets.position_groups(config.data.name, inputs[0], y, **config.data.kwargs)
+    return guidance.diagnose(*inputs, positions=positions)
+
+
+def pair_diagnostics(config: RunConfig, runs_dir: str | Path = "runs") -> list[PairDiagnostic]:
+    """What ``config``'s pairs start from, before any training (``repguide pairs RECIPE``): the run's
+    data, target and guide built as training builds them, on one process."""
+    if config.guidance.mode != "guide":
+        raise ConfigError(f"guidance.mode={config.guidance.mode!r} has no pairs; pairs exist with guidance.mode=guide")
+    splits = datasets.create(config.data.name, **config.data.kwargs)
+    target = build_model(config.model, splits, config.train.seed)
+    guide = load_guide(config, splits, Path(runs_dir))
+    schedule = Schedule.of(config, splits.train, 0, 1)
+    return _diagnose(config, _guidance(config, target, guide, schedule, 1), schedule)
 
 
 def _columns(guidance: Guidance | None) -> list[str]:

@@ -92,8 +92,12 @@ class GuidanceConfig(_Strict):
     weight: _NonNegative = 1.0
     reduction: Literal["flatten", "mean", "tokens"] = "flatten"
     guide_input: Literal["same", "noise"] = "same"
-    # Module types used by "stretch": "default" (linear/conv/recurrent/attention) or "all".
-    layer_types: Literal["default", "all"] = "default"
+    # The candidate layers "stretch" pairs (repguide.capture.LAYER_RULES): "blocks", the outputs of a
+    # model's repeated blocks (transformer.h.N, blocks.N, a ResNet stage's blocks, each layer of a
+    # stacked RNN); "leaves", Linear/conv/recurrent/attention modules (the rule before blocks);
+    # "all", every module. A stored config's old key `layer_types: default|all` reads as
+    # `layers: leaves|all`, so a run made before blocks existed keeps its pairs when resumed.
+    layers: Literal["blocks", "leaves", "all"] = "blocks"
     # Switch guidance off after this many steps (paper: 300).
     off_after: Annotated[Optional[int], _at_least(1, null="to keep guidance on")] = None
     # Guidance-driven initialisation: this many alignment-only steps (no task loss) before plain
@@ -109,6 +113,20 @@ class GuidanceConfig(_Strict):
     # visit and read them back instead of running the guide; needs guide_input=same and no
     # random augmentation. Memory: training examples × Σ compared guide widths × 4 bytes.
     cache: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_layer_types(cls, raw: Any) -> Any:
+        """``layer_types: default|all`` (the key before ``layers``) → ``layers: leaves|all``."""
+        if isinstance(raw, dict) and "layer_types" in raw:
+            raw = dict(raw)
+            old = raw.pop("layer_types")
+            new = {"default": "leaves", "all": "all"}.get(old)
+            if new is None:
+                raise ValueError(f"layer_types={old!r} is the old key: use layers=blocks|leaves|all")
+            if raw.setdefault("layers", new) != new:
+                raise ValueError(f"layer_types={old!r} (old key, means layers={new}) contradicts layers={raw['layers']!r}")
+        return raw
 
 
 class OptimConfig(_Strict):

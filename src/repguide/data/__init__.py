@@ -22,6 +22,7 @@ from repguide.data.synthetic import (
     IGNORE_INDEX,
     PARITY_PAD,
     copy_paste,
+    copy_paste_positions,
     copy_paste_tokens,
     parity,
     token_accuracy,
@@ -34,6 +35,17 @@ from repguide.data.text import (
     shakespeare,
     shakespeare_text,
 )
+
+# Data sets whose positions fall into groups worth telling apart in pair diagnostics.
+_POSITION_GROUPS = {"copy_paste": copy_paste_positions}
+
+
+def position_groups(name: str, x, y, **kwargs) -> dict | None:
+    """The position groups (name → ``(n, T)`` bool) of data set ``name`` for a batch ``x``, ``y``
+    (``kwargs``: the data set's options), or None where the task has none."""
+    groups = _POSITION_GROUPS.get(name)
+    return None if groups is None else groups(x, y, **kwargs)
+
 
 __all__ = [
     "DATASETS",
@@ -48,12 +60,14 @@ __all__ = [
     "TokenChunks",
     "WordTokenizer",
     "copy_paste",
+    "copy_paste_positions",
     "copy_paste_tokens",
     "create",
     "fashion_mnist",
     "list_datasets",
     "parity",
     "perplexity",
+    "position_groups",
     "shakespeare",
     "shakespeare_text",
     "token_accuracy",

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from repguide.data._common import Splits, TensorExamples, generator, register
 
-__all__ = ["IGNORE_INDEX", "PARITY_PAD", "copy_paste", "copy_paste_tokens", "parity", "token_accuracy"]
+__all__ = ["IGNORE_INDEX", "PARITY_PAD", "copy_paste", "copy_paste_positions", "copy_paste_tokens", "parity", "token_accuracy"]
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 PARITY_PAD = 2  # the paper's pad token; bits are 0 and 1
@@ -48,6 +48,12 @@ def _copy_paste_examples(
     y = torch.where(blank, src, y)
     y = torch.where(is_eos, tok["eos"], y)
     return x, y
+
+
+def copy_paste_positions(x: Tensor, y: Tensor, num_symbols: int = 10, **_: object) -> dict[str, Tensor]:
+    """Copy-paste's position groups for pair diagnostics, each ``(n, T)`` bool: ``"source"``, the
+    sequence read; ``"copy"``, where it is written back (and its EOS), the positions that need memory."""
+    return {"source": x < num_symbols, "copy": y != IGNORE_INDEX}
 
 
 @register("copy_paste")
