@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from repguide.config import list_recipes
+from repguide.config import SCALES, list_recipes, load_recipe
 from repguide.errors import ConfigError
 from repguide.runs import check_run_name
 
@@ -64,6 +64,8 @@ class Row(_Entry):
         check_run_name(self.run)
         if self.overrides and self.run in list_recipes():
             raise ValueError(f"run {self.run!r} is a recipe's name; a row with overrides needs a name of its own")
+        for scale in SCALES:  # an override key or value the recipe does not allow fails here, not mid-suite
+            load_recipe(self.recipe, scale, self.overrides)
         return self
 
     def describe(self) -> str:
@@ -131,6 +133,9 @@ class Claim(_Entry):
         return self
 
 
+_KEYS = sorted({k for m in (Claim, Row, Check, ConsistencyPair, ConsistencyCheck) for k in m.model_fields})
+
+
 def _default_path() -> Path:
     return Path(str(resources.files("repguide") / "recipes" / "claims" / "paper.yaml"))
 
@@ -158,11 +163,16 @@ def _validate(entry: Any, index: int, path: Path) -> Claim:
         lines = []
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
+            msg = e["msg"].removeprefix("Value error, ").replace("\n", "\n  ")
             if e["type"] == "extra_forbidden":
-                lines.append(f"unknown key {where!r}")
-            elif where:
+                close = difflib.get_close_matches(str(e["loc"][-1]), _KEYS, n=1)
+                lines.append(f"unknown key {where!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            elif e["type"] == "missing":
+                lines.append(f"{where}: a required key is missing")
+            elif where and not isinstance(e.get("input"), dict):
                 lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+            elif where:  # a rule across a row's or a claim's keys: the message names them
+                lines.append(f"{where}: {msg}")
             else:
                 lines.append(msg)
         raise ConfigError(f"claims file {path}: claim {name!r}:\n  " + "\n  ".join(lines)) from None
