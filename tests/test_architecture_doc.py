@@ -21,11 +21,14 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
 
 
+def registered() -> tuple[list[str], ...]:
+    return similarity.list_measures(), models.list_models(), data.list_datasets()
+
+
 @pytest.fixture
 def clean_registries():
     """Remove whatever a block registers from the measure, model and data set registries."""
-    lists = lambda: (similarity.list_measures(), models.list_models(), data.list_datasets())  # noqa: E731
-    before = lists()
+    before = registered()
     yield
     measures = similarity._MEASURES  # the registry itself, exported for tests to restore
     for name in set(similarity.list_measures()) - set(before[0]):
@@ -37,7 +40,7 @@ def clean_registries():
         models.MODELS.unregister(name)
     for name in set(data.list_datasets()) - set(before[2]):
         data.DATASETS.unregister(name)
-    assert lists() == before
+    assert registered() == before
 
 
 def test_the_page_has_the_examples_it_promises():

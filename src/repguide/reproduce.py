@@ -1,10 +1,11 @@
-"""`repguide reproduce`: train every recipe the paper's claims need, then write REPRODUCTION.md.
+"""`repguide reproduce`: train every run the paper's claims need, then write REPRODUCTION.md.
 
-The claims and their rows are data (:mod:`repguide.claims`). Runs are named ``<run>_s<seed>``
-(the row's run name: its recipe's unless the row sets overrides); a trained guide is the same seed's run of its recipe, so guides
-are trained first. Finished runs are skipped and interrupted ones resumed, so an interrupted suite
-continues where it stopped. A claim counts as reproduced only with >= 3 seeds and a mean difference
-in the paper's direction larger than the two standard deviations added together.
+The claims and their rows are data (:mod:`repguide.claims`). A row's runs are named
+``<run>_s<seed>`` (its recipe's name unless the row sets overrides); a trained guide is the same
+seed's run of its recipe, so guides are trained first. Finished runs are skipped and interrupted
+ones resumed, so an interrupted suite continues where it stopped. A claim counts as reproduced only
+with >= 3 seeds and a mean difference in the paper's direction larger than the two standard
+deviations added together.
 """
 
 from __future__ import annotations
