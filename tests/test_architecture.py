@@ -4,6 +4,7 @@ inside functions included), module and function sizes, and the CLI's error handl
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ LAYERS: dict[str, int] = {
     "pairing": 2, "models": 2, "data": 2,
     "guidance": 3,
     "config": 4, "analysis": 4,
-    "build": 5, "steps": 5,
+    "build": 5, "steps": 5, "claims": 5,
     "train": 6, "report": 6,
     "reproduce": 7,
     "cli": 8, "__init__": 8,
@@ -167,3 +168,9 @@ def test_source_cites_nothing_outside_the_repository():
         if "paper.md" in line or "official-code.md" in line or "../shared" in line
     ]
     assert not cites, cites
+
+
+def test_every_unit_is_in_docs_architecture_table_on_its_layer():
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| `([\w.]+)` \|", doc, flags=re.M)
+    assert {unit: int(layer) for layer, unit in rows} == LAYERS

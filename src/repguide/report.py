@@ -72,7 +72,7 @@ def plot_claim(claim, stats: dict, path: str | Path) -> Path:
     labels = [row.label for row in claim.rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 4))
     for i, row in enumerate(claim.rows):
-        s = stats[row.recipe]
+        s = stats[row.run]
         if s.values:
             ax.bar(i, s.mean, yerr=s.std, color=f"C{i}", alpha=0.7, capsize=4)
             ax.plot([i] * len(s.values), s.values, "k.", ms=4)
