@@ -87,15 +87,27 @@ def test_gram_centred_as_a_matrix_matches_centring_the_features():
 
 
 @pytest.mark.parametrize("x", [
-    torch.randn(16, 50) + 1000.0,  # the mean dominates: centring the Gram would cancel digits
+    torch.randn(16, 50) + 1000.0,  # the mean dominates: centring the raw Gram would cancel digits
     torch.randn(16, 50) * 1e30,  # raw products would overflow float32
-    torch.randn(1, 50).repeat(16, 1),  # constant
+    torch.randn(16, 50) * 1e-30,  # ... or underflow
+    torch.relu(torch.randn(64, 3000)) * 1e-3,  # small, mostly mean
 ])
-def test_gram_only_falls_back_to_centring_the_features_where_it_must(x):
+def test_gram_only_is_as_precise_as_centring_the_features(x):
+    # Shifted by the first row and scaled by the range on the device: no fallback branch, no sync.
     fast = Prepared.gram_only(x)
-    slow = Prepared(x)
-    slow.keep_gram_only()
-    assert torch.equal(fast.gram, slow.gram) and torch.equal(fast.constant, slow.constant)
+    exact = Prepared(x.double()).gram
+    assert not bool(fast.constant)
+    assert torch.allclose(_unit(fast.gram).double(), _unit(exact), atol=2e-6)
+
+
+def test_gram_only_of_a_constant_input_is_zero_and_of_a_non_finite_one_is_not_finite():
+    fast = Prepared.gram_only(torch.randn(1, 50).repeat(16, 1))
+    assert bool(fast.constant) and torch.equal(fast.gram, torch.zeros(16, 16))
+    assert bool(Prepared.gram_only(torch.zeros(8, 5)).constant)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(16, 50)
+        x[3, 7] = bad
+        assert not torch.isfinite(Prepared.gram_only(x).gram).any()
 
 
 def test_guide_activations_are_not_kept_after_the_step():

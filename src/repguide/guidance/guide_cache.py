@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from repguide.errors import GuidanceError
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,7 +43,11 @@ class GuideFeatureCache:
         self.dtype = dtype
         self.device = device
         self.features: dict[str, Tensor] = {}  # guide layer → (num_examples, ...) features
-        self.filled: Tensor | None = None  # (num_examples,) bool: which examples are stored
+        # (num_examples,) bool on the host, whichever device the features are on: which examples
+        # are stored. Read through NumPy, so a lookup dispatches no tensor op and, with the CPU
+        # indices a DataLoader gives, waits on no device (an index on an accelerator is copied to
+        # the host once per lookup until the cache is complete, and not at all after).
+        self.filled: Tensor | None = None
         self.complete = False
         self.spec: tuple | None = None  # the layers and settings the features were made with
 
@@ -51,10 +56,10 @@ class GuideFeatureCache:
         self._check_spec(spec)
         if self.filled is None:
             return None
-        index = torch.as_tensor(index, dtype=torch.long).to(self.filled.device)
-        if not (self.complete or bool(self.filled[index].all())):
+        if not (self.complete or self.filled.numpy()[_host_positions(index)].all()):
             return None
-        return {name: stored[index] for name, stored in self.features.items()}
+        index = torch.as_tensor(index, dtype=torch.long)
+        return {name: stored[index.to(stored.device)] for name, stored in self.features.items()}
 
     def store(self, index: Tensor, features: Mapping[str, Tensor], spec: tuple) -> None:
         """Keep ``features`` (``layer → (n, ...)``) as those of the examples at ``index: (n,)``."""
@@ -84,9 +89,10 @@ class GuideFeatureCache:
                 )
             stored[index.to(stored.device)] = value.to(stored.dtype)
         if self.filled is None:
-            self.filled = torch.zeros(self.num_examples, dtype=torch.bool, device=stored.device)
-        self.filled[index.to(self.filled.device)] = True
-        self.complete = bool(self.filled.all())
+            self.filled = torch.zeros(self.num_examples, dtype=torch.bool)
+        filled = self.filled.numpy()
+        filled[_host_positions(index)] = True
+        self.complete = bool(filled.all())
 
     def _check_spec(self, spec: tuple) -> None:
         if self.spec is not None and spec != self.spec:
@@ -98,3 +104,11 @@ class GuideFeatureCache:
     def __repr__(self) -> str:
         filled = int(self.filled.sum()) if self.filled is not None else 0
         return f"GuideFeatureCache({filled}/{self.num_examples} examples, layers={list(self.features)})"
+
+
+def _host_positions(index: Any) -> np.ndarray:
+    """``index`` as a NumPy array of positions: no tensor op for a CPU tensor (a DataLoader's), one
+    device-to-host copy for an accelerator's."""
+    if isinstance(index, Tensor):
+        return index.cpu().numpy().astype(np.int64, copy=False)
+    return np.asarray(index, dtype=np.int64)

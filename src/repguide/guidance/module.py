@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from repguide.capture import LAYER_RULES, REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
 from repguide.pairing import Pair, PairSpec, resolve_pairs
+from repguide.guidance._compute import similarities_and_loss
+from repguide.guidance._host_step import HostStep
 from repguide.guidance.guide_cache import GuideFeatureCache
 from repguide.guidance.guide_input import explain_guide_failure, noise_like
 from repguide.guidance.schedules import Constant, Weight
@@ -168,6 +170,7 @@ class Guidance(Diagnosable, nn.Module):
         object.__setattr__(self, "_run_target", target)
         # The training step lives in a buffer so it is saved with the state dict and resumes.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step = HostStep()  # read without a host-device sync (the schedule is host-side)
         if not isinstance(pairs, (str, Mapping)):
             self._set_pairs(resolve_pairs(pairs))
         if example_input is not None:
@@ -239,7 +242,7 @@ class Guidance(Diagnosable, nn.Module):
         return self
 
     def current_weight(self) -> float:
-        return float(self.weight(int(self.step)))
+        return float(self.weight(self._host_step.read(self.step)))
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -264,10 +267,10 @@ class Guidance(Diagnosable, nn.Module):
                 "guide_index= (the batch's example positions) goes with guide_cache= and only with it; "
                 f"this Guidance has guide_cache={'set' if self.guide_cache is not None else 'None'}"
             )
-        step = int(self.step)
+        step = self._host_step.read(self.step)
         weight = float(self.weight(step))
         if self.training and torch.is_grad_enabled():
-            self.step += 1
+            self._host_step.advance(self.step)
         if weight == 0:
             output = self._run_target(*args, **kwargs)
             return GuidanceOutput(output, _zero_like_output(output), {}, 0.0)
@@ -281,8 +284,7 @@ class Guidance(Diagnosable, nn.Module):
         with target_capture.record(n) as t_acts:
             output = self._run_target(*args, **kwargs)
         target_capture.check_complete(t_acts, "target")
-        similarities = self._similarities(t_acts, guide)
-        loss = sum(p.weight * (1 - similarities[p.key]) for p in self._pairs)
+        similarities, loss = self._similarities(t_acts, guide)
         return GuidanceOutput(output, weight * loss, similarities, weight)
 
     @torch.no_grad()
@@ -356,36 +358,9 @@ class Guidance(Diagnosable, nn.Module):
             return a
         return sketch(a, self.sketch_dim, zlib.crc32(f"{self.sketch_seed}/{role}/{layer}".encode()))
 
-    def _similarities(self, t_acts: dict[str, Tensor], guide: dict[str, list]) -> dict:
-        t_cf = self._captures["target"].normalise.channels_first
-        targets: dict[str, Tensor] = {}
-        prepared: dict[tuple[str, int], Any] = {}  # each target layer is centred once per step too
-        out = {}
-        for pair in self._pairs:
-            if pair.target not in targets:
-                t = self._sketch("target", pair.target, reduce(t_acts[pair.target], self.reduction, t_cf[pair.target]))
-                targets[pair.target] = self.all_gather(t) if self.all_gather is not None else t
-                self._target_widths[pair.target] = t.shape[-1]
-            t, g = targets[pair.target], guide[pair.guide]
-            if t.dim() == 3 and t.shape[1] != len(g):
-                raise GuidanceError(
-                    f"reduction 'tokens' compares position by position, but target layer "
-                    f"{pair.target!r} has {t.shape[1]} positions and guide layer {pair.guide!r} "
-                    f"has {len(g)}; use 'flatten' or 'mean'"
-                )
-            with torch.autocast(device_type=t.device.type, enabled=False):
-                if t.dim() == 2:
-                    out[pair.key] = self._compare(t, (pair.target, -1), g[0], prepared)
-                else:
-                    out[pair.key] = torch.stack(
-                        [self._compare(t[:, i], (pair.target, i), g[i], prepared) for i in range(t.shape[1])]
-                    ).mean()
-        return out
-
-    def _compare(self, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:
-        if key not in prepared:
-            prepared[key] = self.measure.prepare_target(t, guide)
-        return self.measure.compare(prepared[key], guide)
+    def _similarities(self, t_acts: dict[str, Tensor], guide: dict[str, list]) -> tuple[dict, Tensor]:
+        """Every pair's similarity and Σ pair.weight · (1 − similarity): guidance._compute."""
+        return similarities_and_loss(self, t_acts, guide)
 
     def extra_repr(self) -> str:
         pairs = "unresolved" if self._pairs is None else f"{len(self._pairs)} pairs"

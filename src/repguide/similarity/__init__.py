@@ -10,8 +10,9 @@ Conventions shared by every measure:
 * Each input is divided by its (detached) largest absolute centred entry before any product. Every
   measure here is invariant to isotropic scaling, so this changes neither the value nor the gradient,
   and it keeps 1e-20- or 1e20-scaled activations from under- or overflowing in float32.
-  (:meth:`Prepared.gram_only`, for a frozen guide's layers, centres and rescales the n×n Gram
-  instead, and falls back to the above where that could lose precision.)
+  (:meth:`Prepared.gram_only`, for a frozen guide's layers, shifts the rows by the first one and
+  scales by the range in one pass, then centres the n×n Gram, all on the device:
+  :mod:`~repguide.similarity.fused`, which also holds the one-node linear CKA a guided step uses.)
 * A *constant* input (every row identical, to rounding) has no structure to compare: the
   similarity is defined as exactly 0, with zero (finite) gradients. Note this means a layer that has
   collapsed to a constant receives no alignment gradient.

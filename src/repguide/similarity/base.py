@@ -14,6 +14,8 @@ from repguide.errors import MeasureError
 import torch
 from torch import Tensor
 
+from repguide.similarity.fused import unit_centred_gram
+
 __all__ = [
     "Measure",
     "Prepared",
@@ -159,39 +161,28 @@ class Prepared:
 
     @classmethod
     def gram_only(cls, x: Tensor, min_n: int = 2, matmul_dtype: torch.dtype | None = None) -> "Prepared":
-        """``Prepared(x)`` after :meth:`keep_gram_only`, without a gradient, built more cheaply.
+        """``Prepared(x)`` after :meth:`keep_gram_only`, without a gradient, built more cheaply and
+        without reading a value on the host (no sync on an accelerator).
 
-        The Gram of the raw rows is centred as an n×n matrix (row and column means subtracted: the
-        O(n²) Gram centring), which saves the passes that centre and rescale a wide x. It falls back
-        to centring x first where that would lose precision, i.e. where the rows' common mean holds
-        more than 15/16 of their energy (this includes every constant input), or where the raw
-        products could over- or underflow; so the Gram stays within ~1e-6 of the exact one, relative
-        to its largest entry. Decides on the host (one sync per call on an accelerator). Also falls
-        back for a reduced ``matmul_dtype``, whose rounding the raw mean would magnify.
+        The Gram is :func:`~repguide.similarity.fused.unit_centred_gram`'s: the rows shifted by the
+        first one and scaled by x's range in one pass, the n×n Gram centred as a matrix, divided by
+        its Frobenius norm; within a few ulps of centring x first, relative to its largest entry.
+        A constant input (every centred entry within 64 ulps of the largest |entry|, which is what
+        :class:`Prepared` tests, or a little more) gives a zero Gram. For a reduced ``matmul_dtype``
+        x is centred first, since the rounding of its operands would be magnified otherwise.
         """
         _check_input(x, min_n)
         with torch.no_grad():
-            x = x.detach().to(_compute_dtype(x))
-            n, d = x.shape
-            finfo = torch.finfo(x.dtype)
+            x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
             if matmul_dtype in (None, x.dtype):
-                raw = x @ x.T
-                rows = raw.mean(dim=1)
-                centred = raw - rows[:, None] - rows[None, :] + rows.mean()
-                # The row norms bound every partial sum of the product (Cauchy-Schwarz), so none
-                # over- or underflowed if the largest is finite, below max/64 and well above tiny.
-                norms = raw.diagonal()
-                top = norms.amax()
-                safe = (top < finfo.max / 64) & (top > finfo.tiny * 1e6 * d)
-                if bool(safe & (16 * centred.diagonal().sum() > norms.sum())):
-                    p = cls.__new__(cls)
-                    p.n, p.d, p.x, p.matmul_dtype, p._cov, p._norm = n, d, None, x.dtype, None, None
-                    p.constant = torch.zeros((), dtype=torch.bool, device=x.device)
-                    p._gram = centred / centred.diagonal().amax()
-                    return p
+                p = cls.__new__(cls)
+                p.n, p.d = x.shape
+                p.x, p.matmul_dtype, p._cov, p._norm = None, x.dtype, None, None
+                p._gram, p.constant = unit_centred_gram(x)
+                p._unit = p._gram
+                return p
             p = cls(x, min_n)
-            if matmul_dtype is not None:
-                p.matmul_dtype = matmul_dtype
+            p.matmul_dtype = matmul_dtype
             p.keep_gram_only()
             return p
 

@@ -1,0 +1,107 @@
+"""The similarity loop of a guided step: every pair's similarity and the weighted loss.
+
+Linear CKA (the default measure) in the Gram form goes through
+:func:`repguide.similarity.fused.linear_cka_stack`: the pairs whose target activations share a
+shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
+and compared in one autograd node, about ten aten ops for the whole stack and one ``bmm`` each way.
+Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
+``compare``, each target layer prepared once. No path reads a value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from repguide.capture import reduce
+from repguide.errors import GuidanceError
+from repguide.similarity import Prepared
+from repguide.similarity.fused import linear_cka_stack, unit_gram
+from repguide.similarity.kernel_alignment import LinearCKA, use_gram_form
+
+__all__ = ["similarities_and_loss"]
+
+
+def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, list]) -> tuple[dict, Tensor]:
+    """``({pair key: 0-dim similarity}, Σ pair.weight · (1 − similarity))`` for one step."""
+    targets = _reduced_targets(guidance, t_acts)
+    groups: dict[tuple, list] = {}  # (n, d, dtype, device) → [(pair, (m, n, d) stack, [unit Grams])]
+    out, prepared, loss = {}, {}, None
+    for pair in guidance._pairs:
+        t, g = targets[pair.target], guide[pair.guide]
+        if t.dim() == 3 and t.shape[1] != len(g):
+            raise GuidanceError(
+                f"reduction 'tokens' compares position by position, but target layer "
+                f"{pair.target!r} has {t.shape[1]} positions and guide layer {pair.guide!r} "
+                f"has {len(g)}; use 'flatten' or 'mean'"
+            )
+        if _fused(guidance.measure, t, g):
+            x = t[None] if t.dim() == 2 else t.transpose(0, 1)
+            x = x if x.dtype == g[0].dtype else x.to(g[0].dtype)
+            groups.setdefault((*x.shape[1:], x.dtype, x.device), []).append((pair, x, [unit_gram(p) for p in g]))
+            continue
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            if t.dim() == 2:
+                s = _compare(guidance.measure, t, (pair.target, -1), g[0], prepared)
+            else:
+                s = torch.stack([_compare(guidance.measure, t[:, i], (pair.target, i), g[i], prepared)
+                                 for i in range(t.shape[1])]).mean()
+        out[pair.key] = s
+        term = pair.weight * (1 - s)
+        loss = term if loss is None else loss + term
+    for items in groups.values():
+        loss = _fused_group(items, out, loss)
+    return {p.key: out[p.key] for p in guidance._pairs}, loss
+
+
+def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each paired target layer reduced (and sketched, gathered) once: (n, d) or (n, positions, d)."""
+    t_cf = guidance._captures["target"].normalise.channels_first
+    targets = {}
+    for pair in guidance._pairs:
+        if pair.target not in targets:
+            t = guidance._sketch("target", pair.target, reduce(t_acts[pair.target], guidance.reduction, t_cf[pair.target]))
+            targets[pair.target] = guidance.all_gather(t) if guidance.all_gather is not None else t
+            guidance._target_widths[pair.target] = t.shape[-1]
+    return targets
+
+
+def _fused(measure, t: Tensor, g: list) -> bool:
+    """Whether the pair goes through the one-node linear CKA: the biased linear CKA itself (not a
+    subclass, which may change it), every guide position a Prepared input, the Gram form."""
+    if type(measure) is not LinearCKA or not all(isinstance(p, Prepared) for p in g):
+        return False
+    n, d = t.shape[0], t.shape[-1]
+    return all(p.x is None or use_gram_form(n, d, p.d) for p in g)
+
+
+def _fused_group(items: list, out: dict, loss: Tensor | None) -> Tensor:
+    """One stack of equal-shape target activations against their guides' unit Grams; a
+    ``"tokens"`` pair contributes one row per position and its similarity is their mean."""
+    with torch.autocast(device_type=items[0][1].device.type, enabled=False):
+        x = items[0][1] if len(items) == 1 else torch.cat([x for _, x, _ in items])
+        units = [u for _, _, us in items for u in us]
+        sims = linear_cka_stack(x, units[0][None] if len(units) == 1 else torch.stack(units))
+    if len(sims) == 1:
+        pair = items[0][0]
+        out[pair.key] = sims.reshape(())
+        term = pair.weight * (1 - out[pair.key])
+        return term if loss is None else loss + term
+    sizes = [x.shape[0] for _, x, _ in items]
+    rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]
+    per_row = []
+    for (pair, _, _), size, s in zip(items, sizes, rows):
+        out[pair.key] = s
+        per_row += [pair.weight / size] * size
+    # Σ weight · (1 − similarity) over the group as one product with the (row-spread) weights.
+    weights = torch.tensor(per_row, dtype=sims.dtype, device=sims.device)
+    term = sum(pair.weight for pair, _, _ in items) - torch.dot(sims, weights)
+    return term if loss is None else loss + term
+
+
+def _compare(measure, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:
+    if key not in prepared:
+        prepared[key] = measure.prepare_target(t, guide)
+    return measure.compare(prepared[key], guide)

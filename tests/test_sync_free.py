@@ -1,0 +1,117 @@
+"""A guided step reads no value on the host (issue 14): no ``aten._local_scalar_dense`` (what
+``.item()``, ``bool()``, ``float()``, ``int()`` call) and no op whose output size depends on values,
+for every measure and fast mode; and the stacked linear CKA equals the per-pair path."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import repguide as rg
+from repguide.similarity import get_measure
+from repguide.similarity.fused import linear_cka_stack, unit_centred_gram
+
+aten = torch.ops.aten
+_VALUE_SIZED = {aten.nonzero, aten.masked_select, aten._unique, aten._unique2, aten.unique_dim,
+                aten.unique_consecutive, aten.equal, aten._local_scalar_dense}
+
+
+class _Syncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        bool_index = packet in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or []
+        )
+        if packet in _VALUE_SIZED or bool_index or (packet is aten.repeat_interleave and "output_size" not in kwargs):
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def _nets():
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                           nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    guide = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    return target, guide
+
+
+MODES = {f"exact {m}": dict(measure=m) for m in ["cka", "cka_unbiased", "cka_rbf", "rsa", "procrustes"]} | {
+    "bf16 guide Grams": dict(guide_precision="bf16"),
+    "sketch": dict(sketch_dim=16),
+    "guide cache": dict(guide_cache=True),
+    "cache + sketch + bf16": dict(guide_cache=True, sketch_dim=16, guide_precision="bf16"),
+    "tokens": dict(reduction="tokens", pairs=[("1", "0")]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_guided_step_makes_no_host_sync(mode):
+    options = dict(MODES[mode])
+    target, guide = _nets()
+    x, y, index = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)
+    if options.pop("guide_cache", False):
+        options["guide_cache"] = rg.GuideFeatureCache(16)
+    if options.get("reduction") == "tokens":
+        target, guide = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10)), nn.Sequential(nn.Linear(8, 5))
+        x = torch.randn(16, 7, 8)
+    guidance = rg.Guidance(target, guide, example_input=x, **options)
+    optimizer = torch.optim.SGD(target.parameters(), lr=1e-3, momentum=0.9)  # CPU Adam reads its step
+    kwargs = {"guide_index": index} if guidance.guide_cache is not None else {}
+
+    def step():
+        out = guidance(x, **kwargs)
+        logits = out.output if out.output.dim() == 2 else out.output.mean(1)
+        (nn.functional.cross_entropy(logits, y) + out.loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # fills the cache and the optimiser state, reads the step buffer once
+    with _Syncs() as syncs:
+        step()
+    assert syncs.found == []
+
+
+def test_the_stacked_linear_cka_equals_the_per_pair_path():
+    torch.manual_seed(0)
+    xs = [torch.randn(24, 40, requires_grad=True) for _ in range(3)]
+    guides = [torch.randn(24, 9) @ torch.randn(9, 70) for _ in range(3)]
+    units = [unit_centred_gram(g)[0] for g in guides]
+    stacked = linear_cka_stack(torch.stack(xs), torch.stack(units))
+    grads = torch.autograd.grad(stacked.sum(), xs)
+    cka = get_measure("cka")
+    for x, g, u, s, grad in zip(xs, guides, units, stacked, grads):
+        single = linear_cka_stack(x[None], u[None])[0]
+        x64 = x.detach().double().requires_grad_()
+        want = cka(x64, g.double())
+        want_grad, = torch.autograd.grad(want, x64)
+        assert torch.allclose(s, single, rtol=1e-6, atol=0)
+        assert abs(s.item() - want.item()) <= 1e-6 * want.item()
+        assert torch.allclose(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_tokens_similarity_equals_the_loop_over_positions():
+    torch.manual_seed(0)
+    target, guide = nn.Sequential(nn.Linear(8, 6), nn.Tanh()), nn.Sequential(nn.Linear(8, 5), nn.Tanh())
+    x = torch.randn(12, 7, 8)
+    out = rg.Guidance(target, guide, pairs=[("1", "1")], reduction="tokens")(x)
+    t, g = target(x), guide(x)
+    loop = torch.stack([rg.cka(t[:, i].double(), g[:, i].double()) for i in range(7)]).mean()
+    assert abs(out.similarities[("1", "1")].item() - loop.item()) <= 1e-6
+
+
+def test_a_constant_or_non_finite_target_layer_in_the_stack():
+    u = unit_centred_gram(torch.randn(10, 30))[0]
+    x = torch.randn(3, 10, 20, requires_grad=True)
+    with torch.no_grad():
+        x[1] = 2.5  # constant: similarity 0, zero gradient
+        x[2, 4, 5] = float("nan")  # not finite: stays not finite
+    s = linear_cka_stack(x, torch.stack([u, u, u]))
+    assert s[1] == 0 and torch.isfinite(s[0]) and torch.isnan(s[2])
+    grad, = torch.autograd.grad(s[:2].sum(), x)
+    assert torch.equal(grad[1], torch.zeros(10, 20)) and torch.isfinite(grad[:2]).all()
