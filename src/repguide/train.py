@@ -166,7 +166,7 @@ def _set_up(fabric, config: RunConfig, run: RunDir) -> _Training:
     splits = datasets.create(config.data.name, **config.data.kwargs)
     target = build_model(config.model, splits, tc.seed)
     guide = load_guide(config, splits, run.path.parent) if gc.mode != "none" else None
-    guide_hash = weights_hash(guide) if guide is not None else None
+    guide_hash = weights_hash(guide, _hash_buffers(gc)) if guide is not None else None
     schedule = Schedule.of(config, splits.train, fabric.global_rank, fabric.world_size)
     guidance = _guidance(config, target, guide, schedule, fabric.world_size) if gc.mode == "guide" else None
     model, optimizer = fabric.setup(target, _optimizer(oc, target.parameters()))
@@ -192,7 +192,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
         guide_input=gc.guide_input, reduction=gc.reduction, layer_types=gc.layer_types,
         example_input=tuple(example_input), noise_seed=step_seed(tc.seed, 7919, schedule.rank),
         all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
-        guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim,
+        guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim, guide_mode=gc.guide_mode,
         guide_cache=_guide_cache(gc, schedule.train_set),
     )
     aligned = tc.batch_size if tc.alignment == "global" else schedule.per_rank
@@ -311,7 +311,7 @@ def _finish(t: _Training) -> dict:
     }
     if ctx.guide is not None:
         summary["guide_weights_sha256_before"] = t.guide_hash
-        summary["guide_weights_sha256_after"] = weights_hash(ctx.guide)
+        summary["guide_weights_sha256_after"] = weights_hash(ctx.guide, _hash_buffers(config.guidance))
         summary["guide_unchanged"] = summary["guide_weights_sha256_before"] == summary["guide_weights_sha256_after"]
         if not summary["guide_unchanged"]:
             raise RuntimeError("the guide's weights changed during training; this is a bug in repguide")
@@ -321,6 +321,11 @@ def _finish(t: _Training) -> dict:
         t.run.write_summary(summary)
     ctx.fabric.barrier()
     return summary
+
+
+def _hash_buffers(gc) -> bool:
+    """Whether the guide's buffers stay fixed too: not where guidance.guide_mode=train updates them."""
+    return not (gc.mode == "guide" and gc.guide_mode == "train")
 
 
 def _guide_cache(gc, train_set) -> GuideFeatureCache | None:

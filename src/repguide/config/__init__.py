@@ -102,6 +102,9 @@ class GuidanceConfig(_Strict):
     init_steps: Annotated[int, _at_least(0)] = 0
     init_input: Literal["noise", "data"] = "noise"
     temperature: _Positive = 4.0  # distillation temperature
+    # The guide's mode at every forward: eval (no dropout, BatchNorm statistics never change) or
+    # train (dropout on and BatchNorm statistics updated, as the official code runs the guide).
+    guide_mode: Literal["eval", "train"] = "eval"
     # Fast modes (benchmarks/README.md gives each one's speed and error); the defaults are exact.
     guide_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 operands for the guide's Grams
     sketch_dim: Annotated[Optional[int], _at_least(1, null="for no sketch")] = None  # CountSketch activations wider than this before the Gram
