@@ -22,7 +22,7 @@ from repguide.errors import ConfigError
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter
 from repguide.runs import CheckpointError, MetricsLog, RunDir, atomic_save
 from repguide.steps import (
-    Evaluation, Head, NonFiniteError, Schedule, StepContext, better, evaluate, pair_column, step_seed, train_step,
+    AlignmentWatch, Evaluation, Head, NonFiniteError, Schedule, StepContext, better, evaluate, pair_column, step_seed, train_step,
 )
 
 __all__ = ["diff_keys", "gather_batches", "train"]
@@ -87,9 +87,11 @@ def train(
         fabric.print(f"{run.path} already finished with this config; nothing to resume")
         fabric.barrier()
         return json.loads((run.path / "summary.json").read_text())
+    fresh = False  # whether this start found the folder without results (rank 0)
     if rank == 0:
         run.open(resume=resume, overwrite=overwrite)
-        previous = run.read_config()
+        fresh = not run.has_results()
+        previous = _previous_config(run) if resume else run.read_config()
         if resume and previous is not None and _essential(previous) != _essential(resolved):
             run.close()
             raise CheckpointError(
@@ -101,13 +103,37 @@ def train(
     fabric.barrier()
     try:
         return _train(fabric, config, run, resume, quiet)
-    except NonFiniteError as err:
-        if rank == 0:
+    except BaseException as err:
+        if rank == 0 and fresh and not run.has_checkpoint():
+            run.discard()  # a start that failed left nothing to resume: the corrected command starts afresh
+        elif rank == 0 and isinstance(err, NonFiniteError):
             run.write_summary({"name": config.name, "status": "failed", "error": str(err)})
         raise
     finally:
         if rank == 0:
             run.close()
+
+
+def _previous_config(run: RunDir) -> dict | None:
+    """The config a run folder's results were made with: config.yaml, or where it is gone, the one
+    its checkpoint carries. None for a folder without results; a folder whose results no longer
+    say which config made them is refused rather than credited to this one."""
+    previous = run.read_config()
+    if previous is not None or not run.has_results():
+        return previous
+    carried = None
+    if run.has_checkpoint():
+        try:
+            carried = upgrade(run.load_checkpoint()[0].get("config"))
+        except CheckpointError:
+            carried = None
+    if carried is None:
+        run.close()
+        raise CheckpointError(
+            f"cannot resume {run.path}: its config.yaml is missing and no checkpoint says which config "
+            "made its results; put config.yaml back, or start again with --overwrite"
+        )
+    return carried
 
 
 def _essential(cfg: dict) -> dict:
@@ -130,7 +156,7 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool) -> dict:
     training = _set_up(fabric, config, run)
-    if resume and any((run.path / f).exists() for f in ("last.ckpt", "prev.ckpt")):
+    if resume and run.has_checkpoint():
         _resume(training)
     if fabric.global_rank == 0:
         training.log = MetricsLog(run.path / "metrics.csv", _columns(training.ctx.guidance),
@@ -244,6 +270,7 @@ def _loop(t: _Training, quiet: bool) -> None:
     ctx, schedule, tc, oc = t.ctx, t.schedule, t.config.train, t.config.optim
     rank = ctx.fabric.global_rank
     progress = _progress(schedule.total_steps, t.step, t.config.name, quiet or rank != 0)
+    watch = _watch(t)
     ctx.model.train()
     while t.step < schedule.total_steps:
         # The step's learning rate, dropout masks and batch: functions of (seed, step, rank) alone.
@@ -260,7 +287,9 @@ def _loop(t: _Training, quiet: bool) -> None:
         t.step += 1
         progress.update(1)
         # The metrics row, every train.log_every steps and at the last.
+        watch.observe(row)
         if rank == 0 and (t.step % tc.log_every == 0 or t.step == schedule.total_steps):
+            watch.warn()
             t.log.write({**row, "step": t.step, "epoch": epoch, "split": "train", "lr": ctx.optimizer.param_groups[0]["lr"]})
             progress.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
         # Validation at the end of every epoch; a checkpoint then and every train.checkpoint_every steps.
@@ -270,6 +299,12 @@ def _loop(t: _Training, quiet: bool) -> None:
         if end_of_epoch or t.step % tc.checkpoint_every == 0:
             _checkpoint(t)
     progress.close()
+
+
+def _watch(t: _Training) -> AlignmentWatch:
+    tc, guidance = t.config.train, t.ctx.guidance
+    aligned = tc.batch_size if tc.alignment == "global" else t.schedule.per_rank
+    return AlignmentWatch(aligned, [pair_column(p.key) for p in guidance.pairs] if guidance is not None else [])
 
 
 def _validate(t: _Training, epoch: int, quiet: bool) -> None:
@@ -288,7 +323,7 @@ def _checkpoint(t: _Training) -> None:
         t.run.save_checkpoint({
             "step": t.step, "target": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "guidance_step": ctx.guidance.step.cpu() if ctx.guidance is not None else torch.zeros(()),
-            "best": t.best,
+            "best": t.best, "config": t.config.model_dump(mode="json"),  # the run's provenance
         })
     ctx.fabric.barrier()
 
