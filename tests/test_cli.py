@@ -520,6 +520,60 @@ def test_the_command_line_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Provenance, shared guides, guide modes, analysis of different tasks
+
+
+@needs_fmnist
+def test_resume_of_a_folder_without_its_config_refuses_and_records_nothing(tmp_path, capsys):
+    folder = existing_run(tmp_path)
+    (folder / "config.yaml").unlink()
+    before = files(folder)
+    err = cli_error(tmp_path, capsys, "--resume", "optim.lr=0.5", "train.seed=3")
+    assert "its config.yaml is missing and no checkpoint says which config made its results" in err
+    assert files(folder) == before  # no config.yaml credited with values the run did not use
+    record("resume-no-config", "resume of a run folder whose config.yaml was deleted",
+           "`rm config.yaml; --resume optim.lr=0.5`", err, tmp_path)
+
+
+@needs_fmnist
+def test_guide_mode_train_with_the_guide_feature_cache_is_an_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "guidance.cache=true", "guidance.guide_mode=train")
+    assert "guidance.guide_mode=train gives new ones at every step" in err
+    record("cache-guide-mode", "guide-feature cache with a guide in train mode",
+           "`guidance.cache=true guidance.guide_mode=train`", err, tmp_path)
+
+
+def test_error_consistency_of_runs_of_different_tasks_is_a_clear_error(tmp_path, capsys):
+    images = existing_run(tmp_path)
+    tokens = RunDir(tmp_path / "other", "copy")
+    tokens.path.mkdir(parents=True)
+    from repguide.config import load_recipe
+
+    tokens.write_config(load_recipe("copy_rnn_baseline", "tiny", []).model_dump(mode="json"))
+    assert main(["consistency", str(images), str(tokens.path)]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert "error consistency compares two classifiers on the same task" in err and "was trained on copy" in err
+    record("consistency-tasks", "error consistency of runs of different tasks",
+           "`repguide consistency runs/deep_fcn_… runs/copy_…`", err, tmp_path)
+
+
+def test_a_guide_sharing_a_module_with_the_target_is_an_error(tmp_path):
+    shared = nn.Linear(10, 8)
+    target = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 3))
+    guide = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 5))
+    with pytest.raises(ValueError, match="the guide shares the target's module '0'") as err:
+        rg.Guidance(target, guide)
+    record("shared-module", "guide sharing a module with the target (Python)",
+           "`Guidance(target, guide)` with `guide[0] is target[0]`", str(err.value), tmp_path)
+
+
+def test_guide_mode_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="guide_mode must be one of eval, train") as err:
+        rg.Guidance(nn.Linear(4, 4), nn.Linear(4, 4), guide_mode="dropout")
+    record("guide-mode", "unknown guide mode (Python)", '`Guidance(..., guide_mode="dropout")`', str(err.value), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
 # docs/errors.md
 
 

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import repguide as rg
+from repguide.errors import GuidanceError
 
 from _nets import CountForwards, cnn, mlp
 
@@ -221,3 +222,136 @@ def test_bad_options_are_errors():
     model = mlp()
     with pytest.raises(ValueError, match="different modules"):
         rg.Guidance(model, model)
+
+
+# --------------------------------------------------------------------------------------------
+# The guide is isolated from the target: nothing shared, its mode enforced, no activation kept
+
+
+class Embedder(nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb, self.head = emb, nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.emb(x).flatten(1))
+
+
+def test_a_guide_sharing_a_module_with_the_target_is_refused_naming_it():
+    shared = nn.Embedding(7, 4)
+    target, guide = Embedder(shared), Embedder(shared)
+    with pytest.raises(GuidanceError, match=r"the target's module 'emb' \(the guide's 'emb'\)"):
+        rg.Guidance(target, guide)
+    assert all(p.requires_grad for p in target.parameters())  # nothing was frozen
+
+
+def test_a_guide_sharing_one_parameter_or_buffer_with_the_target_is_refused_naming_it():
+    target, guide = mlp(), mlp()
+    guide[4].weight = target[4].weight
+    with pytest.raises(GuidanceError, match=r"tensor '4.weight' \(the guide's '4.weight'\)"):
+        rg.Guidance(target, guide)
+    target, guide = mlp(), mlp()
+    guide[2].register_buffer("running_mean", target[2].running_mean)
+    with pytest.raises(GuidanceError, match="'2.running_mean'"):
+        rg.Guidance(target, guide)
+    with pytest.raises(GuidanceError, match="the target's module itself"):
+        rg.Guidance(target, nn.Sequential(target, nn.Linear(3, 3)))
+
+
+def batchnorm_stats(model):
+    return [b.clone() for b in model.buffers()]
+
+
+def test_the_guide_stays_in_eval_mode_whatever_train_calls_reach_it():
+    torch.manual_seed(0)
+    x, _ = image_batch()
+    target, guide = mlp(), nn.Sequential(small_cnn(), nn.Dropout(0.5))
+    guidance = rg.Guidance(target, guide)
+    parent = nn.ModuleDict({"guidance": guidance, "guide": guide})  # registers the guide after the Guidance
+    before = batchnorm_stats(guide)
+    parent.train()
+    first = guidance(x).similarities
+    guide.train()  # directly
+    second = guidance(x).similarities
+    assert all(torch.equal(a, b) for a, b in zip(before, batchnorm_stats(guide)))
+    assert not any(m.training for m in guide.modules())
+    # No dropout either: the same target and input give the same similarities.
+    target.eval()
+    assert all(torch.equal(a, b) for a, b in zip(guidance(x).similarities.values(), guidance(x).similarities.values()))
+    assert first.keys() == second.keys()
+
+
+def test_guide_mode_train_runs_the_guide_with_dropout_and_updates_its_statistics():
+    torch.manual_seed(0)
+    x, _ = image_batch()
+    guide = small_cnn()
+    guidance = rg.Guidance(mlp(), guide, guide_mode="train")
+    guidance.eval()
+    before = batchnorm_stats(guide)
+    guidance(x)
+    assert all(m.training for m in guide.modules())
+    assert not all(torch.equal(a, b) for a, b in zip(before, batchnorm_stats(guide)))
+    assert not any(p.requires_grad for p in guide.parameters())
+
+
+def test_guide_mode_is_checked_and_train_refuses_the_guide_feature_cache():
+    with pytest.raises(GuidanceError, match="guide_mode must be one of eval, train"):
+        rg.Guidance(mlp(), small_cnn(), guide_mode="dropout")
+    with pytest.raises(GuidanceError, match="guide_mode='train' gives new ones"):
+        rg.Guidance(mlp(), small_cnn(), guide_mode="train", guide_cache=rg.GuideFeatureCache(16))
+
+
+class NaNAt(nn.Module):
+    """The identity, but one activation entry is NaN (or inf)."""
+
+    def __init__(self, value=float("nan")):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        x = x.clone()
+        x[1, 2] = self.value
+        return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nonfinite_activation_gives_a_nonfinite_similarity_not_zero(value):
+    from repguide.steps import _nonfinite_culprit
+
+    x = torch.randn(8, 5)
+    bad = NaNAt(value)(x)
+    for name in rg.list_measures():
+        assert not torch.isfinite(rg.similarity.get_measure(name)(bad, torch.randn(8, 4))), name
+    assert torch.isnan(rg.cka(bad, x))
+    target = nn.Sequential(nn.Linear(5, 6), NaNAt(value), nn.Linear(6, 3))
+    guidance = rg.Guidance(target, nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), pairs=[("1", "0")])
+    out = guidance(x)
+    assert not torch.isfinite(out.loss)
+    culprit = _nonfinite_culprit(torch.tensor(1.0), out.loss, out.similarities, False)  # the loop's check
+    assert "similarity of pair (target '1', guide '0')" in culprit
+
+
+def test_a_constant_layer_still_gives_a_finite_similarity_with_finite_gradients():
+    x = torch.ones(8, 5, requires_grad=True)
+    value = rg.cka(x, torch.randn(8, 4))
+    value.backward()
+    assert float(value.detach()) == 0.0 and torch.isfinite(x.grad).all()
+
+
+def test_the_target_can_be_copied_pickled_and_averaged_after_a_guided_step():
+    import copy
+    import io
+    import pickle
+
+    x, y = image_batch()
+    target = mlp()
+    guidance = rg.Guidance(target, small_cnn())
+    out = guidance(x)
+    (F.cross_entropy(out.output, y) + out.loss).backward()
+    twin = copy.deepcopy(target)
+    assert torch.equal(twin(x), target(x))
+    pickle.loads(pickle.dumps(target.state_dict()))
+    torch.save(target, io.BytesIO())
+    ema = torch.optim.swa_utils.AveragedModel(target)
+    ema.update_parameters(target)
+    assert all(not c._acts for c in guidance._captures.values())

@@ -13,15 +13,24 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import repguide as rg
+import repguide.train
 
 from repguide.similarity import base as similarity  # the module that holds the registry
 from repguide.cli import main
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
+from repguide.errors import RepguideError
 from repguide.runs import CheckpointError, RunDir, RunDirError, atomic_save
+from repguide.steps import AlignmentWatch
+
+from test_cli import cli_error, nothing_written, run_args as cli_run_args
 
 FMNIST = Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT)
 needs_fmnist = pytest.mark.skipif(
@@ -417,3 +426,82 @@ def test_the_guide_weights_are_bitwise_unchanged_by_a_run(reference):
     splits = data.create(config.data.name, **config.data.kwargs)
     guide = build_model(config.guidance.guide, splits, config.guidance.guide_seed)
     assert weights_hash(guide) == summary["guide_weights_sha256_after"]
+
+
+# --------------------------------------------------------------------------------------------
+# A failed start leaves nothing behind; provenance survives a lost config.yaml; warnings where
+# guidance cannot work; errors of the guide's own
+
+
+@needs_fmnist
+def test_resume_without_config_rebuilds_it_from_the_checkpoint_and_refuses_other_values(tmp_path, capsys):
+    args = ["train.max_steps=2", "train.checkpoint_every=1", "train.epochs=1"]
+    assert main(cli_run_args(tmp_path, *args)) == 0
+    folder = tmp_path / "runs" / RECIPE
+    used = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").unlink()
+    (folder / "summary.json").unlink()
+    err = cli_error(tmp_path, capsys, "--resume", *args, "optim.lr=0.5")
+    assert "its config differs from this one in optim.lr" in err and not (folder / "config.yaml").exists()
+    assert main(cli_run_args(tmp_path, "--resume", *args)) == 0
+    assert (folder / "config.yaml").read_text() == used
+
+
+@needs_fmnist
+def test_a_start_that_fails_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys, monkeypatch):
+    err = cli_error(tmp_path, capsys, "guidance.guide.kwargs.in_channels=3")  # fails at set-up
+    assert "the guide failed on the target's inputs" in err and nothing_written(tmp_path)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("failed in the first step")
+
+    monkeypatch.setattr(repguide.train, "train_step", broken_step)  # fails after metrics.csv is opened
+    with pytest.raises(RuntimeError, match="failed in the first step"):
+        main(cli_run_args(tmp_path, "train.max_steps=2", "train.epochs=1"))
+    assert nothing_written(tmp_path)
+    monkeypatch.undo()
+    assert main(cli_run_args(tmp_path, "train.max_steps=2", "train.epochs=1")) == 0  # no "already holds results"
+    assert RunDir(tmp_path / "runs", RECIPE).is_finished()
+
+
+def test_an_error_of_the_guides_own_keeps_its_type_and_message_and_says_where_it_was_raised(tmp_path):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(10, 8)
+
+        def forward(self, x):
+            raise RuntimeError("the guide's own bug")
+
+    target = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(RuntimeError) as err:
+        rg.Guidance(target, Broken())(torch.randn(8, 10))
+    assert str(err.value) == "the guide's own bug" and not isinstance(err.value, RepguideError)
+    assert "raised inside the guide's forward" in err.value.__notes__[0]
+
+
+def test_a_batch_of_two_and_a_pair_stuck_at_1_warn_when_metrics_are_logged_once_per_run():
+    column = "sim:0|1"
+    small = AlignmentWatch(2, [column])
+    with pytest.warns(UserWarning, match="aligns 2 examples at a time: with n <= 2"):
+        small.observe({column: 1.0})
+        small.warn()
+    stuck = AlignmentWatch(16, [column])
+    for value in (0.9995, 1.0):
+        stuck.observe({column: value})
+    with pytest.warns(UserWarning, match=r"pair 0\|1 stayed at 0.9995 or above over the last 2 steps"):
+        stuck.warn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stuck.observe({column: 1.0})
+        stuck.warn()  # once per run
+        fine = AlignmentWatch(16, [column])
+        for value in (0.5, 1.0):
+            fine.observe({column: value})
+        fine.warn()  # not stuck over the window
+
+
+@needs_fmnist
+def test_a_run_with_a_batch_of_two_warns_through_the_loop(tmp_path):
+    with pytest.warns(UserWarning, match="aligns 2 examples at a time"):
+        assert main(cli_run_args(tmp_path, "train.batch_size=2", "train.max_steps=3", "train.epochs=1", "train.log_every=1")) == 0

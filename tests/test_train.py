@@ -12,6 +12,7 @@ from pathlib import Path
 import os
 
 import pytest
+import yaml
 
 from repguide.config import list_recipes, load_recipe
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
@@ -156,6 +157,7 @@ def test_a_checkpoint_that_is_not_a_training_checkpoint_is_a_clear_error(tmp_pat
 
     config = load_recipe("deep_fcn_baseline", "tiny")
     (tmp_path / config.name).mkdir()
+    (tmp_path / config.name / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     atomic_save({"weights": 1}, tmp_path / config.name / "last.ckpt")
     with pytest.raises(CheckpointError, match="not a repguide training checkpoint .*--overwrite"):
         train(config, tmp_path, resume=True, quiet=True)

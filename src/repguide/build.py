@@ -52,10 +52,15 @@ def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Mod
         return models.create(spec.name, **kwargs)
 
 
-def weights_hash(module: nn.Module) -> str:
-    """SHA-256 of every tensor of ``module``'s state dict, in name order (to show a guide stayed frozen)."""
+def weights_hash(module: nn.Module, buffers: bool = True) -> str:
+    """SHA-256 of every tensor of ``module``'s state dict, in name order (to show a guide stayed
+    frozen); of its parameters only with ``buffers=False`` (a guide run in train mode updates its
+    BatchNorm statistics)."""
     h = hashlib.sha256()
+    params = dict(module.named_parameters())
     for name, tensor in sorted(module.state_dict().items()):
+        if not buffers and name not in params:
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -181,10 +181,32 @@ def _consistency(args: argparse.Namespace) -> int:
 
     from repguide.analysis import correct, error_consistency, ordered_batches
 
+    _check_same_task(args)
     a, b, dataset = _two_models(args)
     hits = [correct(m, ordered_batches(dataset, args.batch_size, args.examples)) for m in (a, b)]
     print(json.dumps(asdict(error_consistency(*hits)), indent=2))
     return 0
+
+
+def _check_same_task(args: argparse.Namespace) -> None:
+    """Error consistency compares two classifiers' answers on the same examples: refuse run
+    folders trained on another data set than the one measured on."""
+    from pathlib import Path
+
+    from repguide.build import run_config
+
+    trained = {}
+    for ref in (args.a, args.b):
+        path = Path(ref)
+        if path.exists():
+            trained[ref] = run_config(path if path.is_dir() else path.parent).data.name
+    used = args.data if args.data is not None else next(iter(trained.values()), None)
+    other = [f"{ref} was trained on {name}" for ref, name in trained.items() if name != used]
+    if other:
+        raise ArgumentError(
+            f"error consistency compares two classifiers on the same task, but {' and '.join(other)}, "
+            f"not {used}; give two models of one data set"
+        )
 
 
 def _report(args: argparse.Namespace) -> int:

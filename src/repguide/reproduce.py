@@ -36,7 +36,7 @@ def _changed_keys(run: RunDir, config) -> list[str]:
     """Keys whose values differ between the config ``run`` was trained with and ``config``
     (the run's schedule length included; empty when the run has no config yet)."""
     from repguide.config import upgrade
-    from repguide.train import diff_keys
+    from repguide.config import diff_keys
 
     stored = run.read_config()
     if stored is None:

@@ -120,6 +120,9 @@ class RunDir:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def has_checkpoint(self) -> bool:
+        return any((self.path / f).exists() for f in ("last.ckpt", "prev.ckpt"))
+
     def has_results(self) -> bool:
         return any(
             (self.path / f).exists() for f in ("metrics.csv", "last.ckpt", "prev.ckpt", "final.pt", "summary.json")
@@ -162,10 +165,14 @@ class RunDir:
                 "to start again (its files will be replaced)"
             )
         if overwrite and not resume:
-            for name in OWN_FILES:  # a link is removed itself; what it points to is never touched
-                f = self.path / name
-                if f.is_symlink() or f.is_file():
-                    f.unlink()
+            self.discard()
+
+    def discard(self) -> None:
+        """Delete the files repguide writes (and only those) from the folder."""
+        for name in OWN_FILES:  # a link is removed itself; what it points to is never touched
+            f = self.path / name
+            if f.is_symlink() or f.is_file():
+                f.unlink()
 
     def _lock(self) -> None:
         """An exclusive flock on ``.lock``. The kernel releases it when its process dies, so the lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from repguide.errors import ConfigError, NonFiniteError
 from repguide.guidance import Guidance, _noise_like
 
 __all__ = [
-    "Evaluation", "Head", "NonFiniteError", "Schedule", "StepContext", "better", "distillation_loss", "evaluate",
+    "AlignmentWatch", "Evaluation", "Head", "NonFiniteError", "Schedule", "StepContext", "better", "distillation_loss", "evaluate",
     "pair_column", "step_seed", "task_loss", "train_step",
 ]
 
@@ -273,3 +274,46 @@ def _nonfinite_gradient(model, grad_clip, fabric, optimizer) -> str | None:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return f"gradient of parameter {name!r}"
     return "gradient norm"
+
+
+class AlignmentWatch:
+    """Warnings, made when metrics are logged, where guidance cannot work: a batch too small for
+    any similarity to tell layers apart, or a pair whose similarity stays at 1 (its alignment loss
+    is 0 and gives no gradient). It reads the rows :func:`train_step` returns, which are already
+    numbers on the host, so it adds no synchronisation."""
+
+    SATURATED = 0.999
+
+    def __init__(self, aligned: int, columns: list[str]):
+        self.aligned, self.columns = aligned, columns
+        self._low: dict[str, float] = {}  # the lowest similarity of each pair since the last log
+        self._steps = 0
+        self._warned: set[str] = set()
+
+    def observe(self, row: dict) -> None:
+        for column in self.columns:
+            value = row.get(column)
+            if value is not None and math.isfinite(value):
+                self._low[column] = min(self._low.get(column, math.inf), value)
+        self._steps += 1
+
+    def warn(self) -> None:
+        """At a logged step: warn once per run about each problem seen over the logged window."""
+        if self.columns and self.aligned <= 2 and "batch" not in self._warned:
+            self._warned.add("batch")
+            warnings.warn(
+                f"guidance aligns {self.aligned} examples at a time: with n <= 2 every similarity of "
+                "centred activations is 1 (or 0) whatever the layers, so the alignment term has no "
+                "gradient; raise train.batch_size", stacklevel=2,
+            )
+        elif self.aligned > 2:
+            for column, low in self._low.items():
+                if low >= self.SATURATED and column not in self._warned:
+                    self._warned.add(column)
+                    warnings.warn(
+                        f"the similarity of pair {column.removeprefix('sim:')} stayed at "
+                        f"{low:.4f} or above over the last {self._steps} steps: its alignment loss "
+                        "is about 0 and gives the target almost no gradient (the layers already "
+                        "match, or a layer is degenerate)", stacklevel=2,
+                    )
+        self._low, self._steps = {}, 0

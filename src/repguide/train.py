@@ -17,15 +17,15 @@ from torch import Tensor, nn
 
 from repguide import data as datasets
 from repguide.build import build_model, first_mismatch, load_guide, weights_hash
-from repguide.config import RunConfig, upgrade
+from repguide.config import RunConfig, diff_keys, resume_essentials, upgrade
 from repguide.errors import ConfigError
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, PairDiagnostic
 from repguide.runs import CheckpointError, MetricsLog, RunDir, atomic_save
 from repguide.steps import (
-    Evaluation, Head, NonFiniteError, Schedule, StepContext, better, evaluate, pair_column, step_seed, train_step,
+    AlignmentWatch, Evaluation, Head, NonFiniteError, Schedule, StepContext, better, evaluate, pair_column, step_seed, train_step,
 )
 
-__all__ = ["diff_keys", "gather_batches", "pair_diagnostics", "train"]
+__all__ = ["gather_batches", "pair_diagnostics", "train"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,22 +87,26 @@ def train(
         fabric.print(f"{run.path} already finished with this config; nothing to resume")
         fabric.barrier()
         return json.loads((run.path / "summary.json").read_text())
+    fresh = False  # whether this start found the folder without results (rank 0)
     if rank == 0:
         run.open(resume=resume, overwrite=overwrite)
-        previous = run.read_config()
-        if resume and previous is not None and _essential(previous) != _essential(resolved):
+        fresh = not run.has_results()
+        previous = _previous_config(run) if resume else run.read_config()
+        if resume and previous is not None and resume_essentials(previous) != resume_essentials(resolved):
             run.close()
             raise CheckpointError(
                 f"cannot resume {run.path}: its config differs from this one in "
-                f"{', '.join(diff_keys(_essential(previous), _essential(resolved)))}; resume with the same "
+                f"{', '.join(diff_keys(resume_essentials(previous), resume_essentials(resolved)))}; resume with the same "
                 "recipe and overrides, or start a new run (another name, or --overwrite)"
             )
         run.write_config(resolved)
     fabric.barrier()
     try:
         return _train(fabric, config, run, resume, quiet)
-    except NonFiniteError as err:
-        if rank == 0:
+    except BaseException as err:
+        if rank == 0 and fresh and not run.has_checkpoint():
+            run.discard()  # a start that failed left nothing to resume: the corrected command starts afresh
+        elif rank == 0 and isinstance(err, NonFiniteError):
             run.write_summary({"name": config.name, "status": "failed", "error": str(err)})
         raise
     finally:
@@ -110,27 +114,31 @@ def train(
             run.close()
 
 
-def _essential(cfg: dict) -> dict:
-    """The parts of a config that must match to resume (not the length of training or logging)."""
-    cfg = {k: v for k, v in cfg.items() if k not in ("description", "claim")}
-    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("epochs", "max_steps", "log_every", "checkpoint_every", "nonfinite")}
-    return cfg
-
-
-def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += diff_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(f"{prefix}{k}")
-    return keys
+def _previous_config(run: RunDir) -> dict | None:
+    """The config a run folder's results were made with: config.yaml, or where it is gone, the one
+    its checkpoint carries. None for a folder without results; a folder whose results no longer
+    say which config made them is refused rather than credited to this one."""
+    previous = run.read_config()
+    if previous is not None or not run.has_results():
+        return previous
+    carried = None
+    if run.has_checkpoint():
+        try:
+            carried = upgrade(run.load_checkpoint()[0].get("config"))
+        except CheckpointError:
+            carried = None
+    if carried is None:
+        run.close()
+        raise CheckpointError(
+            f"cannot resume {run.path}: its config.yaml is missing and no checkpoint says which config "
+            "made its results; put config.yaml back, or start again with --overwrite"
+        )
+    return carried
 
 
 def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool) -> dict:
     training = _set_up(fabric, config, run)
-    if resume and any((run.path / f).exists() for f in ("last.ckpt", "prev.ckpt")):
+    if resume and run.has_checkpoint():
         _resume(training)
     if fabric.global_rank == 0:
         training.log = MetricsLog(run.path / "metrics.csv", _columns(training.ctx.guidance),
@@ -166,7 +174,7 @@ def _set_up(fabric, config: RunConfig, run: RunDir) -> _Training:
     splits = datasets.create(config.data.name, **config.data.kwargs)
     target = build_model(config.model, splits, tc.seed)
     guide = load_guide(config, splits, run.path.parent) if gc.mode != "none" else None
-    guide_hash = weights_hash(guide) if guide is not None else None
+    guide_hash = weights_hash(guide, _hash_buffers(gc)) if guide is not None else None
     schedule = Schedule.of(config, splits.train, fabric.global_rank, fabric.world_size)
     guidance = _guidance(config, target, guide, schedule, fabric.world_size) if gc.mode == "guide" else None
     fresh = not any((run.path / f).exists() for f in ("pairs.json", "last.ckpt", "prev.ckpt"))
@@ -199,7 +207,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
         guide_input=gc.guide_input, reduction=gc.reduction, layers=gc.layers,
         example_input=tuple(example_input), noise_seed=step_seed(tc.seed, 7919, schedule.rank),
         all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
-        guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim,
+        guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim, guide_mode=gc.guide_mode,
         guide_cache=_guide_cache(gc, schedule.train_set),
     )
     aligned = tc.batch_size if tc.alignment == "global" else schedule.per_rank
@@ -270,6 +278,7 @@ def _loop(t: _Training, quiet: bool) -> None:
     ctx, schedule, tc, oc = t.ctx, t.schedule, t.config.train, t.config.optim
     rank = ctx.fabric.global_rank
     progress = _progress(schedule.total_steps, t.step, t.config.name, quiet or rank != 0)
+    watch = _watch(t)
     ctx.model.train()
     while t.step < schedule.total_steps:
         # The step's learning rate, dropout masks and batch: functions of (seed, step, rank) alone.
@@ -286,7 +295,9 @@ def _loop(t: _Training, quiet: bool) -> None:
         t.step += 1
         progress.update(1)
         # The metrics row, every train.log_every steps and at the last.
+        watch.observe(row)
         if rank == 0 and (t.step % tc.log_every == 0 or t.step == schedule.total_steps):
+            watch.warn()
             t.log.write({**row, "step": t.step, "epoch": epoch, "split": "train", "lr": ctx.optimizer.param_groups[0]["lr"]})
             progress.set_postfix(loss=f"{row['loss']:.3f}", epoch=epoch)
         # Validation at the end of every epoch; a checkpoint then and every train.checkpoint_every steps.
@@ -296,6 +307,12 @@ def _loop(t: _Training, quiet: bool) -> None:
         if end_of_epoch or t.step % tc.checkpoint_every == 0:
             _checkpoint(t)
     progress.close()
+
+
+def _watch(t: _Training) -> AlignmentWatch:
+    tc, guidance = t.config.train, t.ctx.guidance
+    aligned = tc.batch_size if tc.alignment == "global" else t.schedule.per_rank
+    return AlignmentWatch(aligned, [pair_column(p.key) for p in guidance.pairs] if guidance is not None else [])
 
 
 def _validate(t: _Training, epoch: int, quiet: bool) -> None:
@@ -314,7 +331,7 @@ def _checkpoint(t: _Training) -> None:
         t.run.save_checkpoint({
             "step": t.step, "target": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "guidance_step": ctx.guidance.step.cpu() if ctx.guidance is not None else torch.zeros(()),
-            "best": t.best,
+            "best": t.best, "config": t.config.model_dump(mode="json"),  # the run's provenance
         })
     ctx.fabric.barrier()
 
@@ -337,7 +354,7 @@ def _finish(t: _Training) -> dict:
     }
     if ctx.guide is not None:
         summary["guide_weights_sha256_before"] = t.guide_hash
-        summary["guide_weights_sha256_after"] = weights_hash(ctx.guide)
+        summary["guide_weights_sha256_after"] = weights_hash(ctx.guide, _hash_buffers(config.guidance))
         summary["guide_unchanged"] = summary["guide_weights_sha256_before"] == summary["guide_weights_sha256_after"]
         if not summary["guide_unchanged"]:
             raise RuntimeError("the guide's weights changed during training; this is a bug in repguide")
@@ -347,6 +364,11 @@ def _finish(t: _Training) -> dict:
         t.run.write_summary(summary)
     ctx.fabric.barrier()
     return summary
+
+
+def _hash_buffers(gc) -> bool:
+    """Whether the guide's buffers stay fixed too: not where guidance.guide_mode=train updates them."""
+    return not (gc.mode == "guide" and gc.guide_mode == "train")
 
 
 def _guide_cache(gc, train_set) -> GuideFeatureCache | None:

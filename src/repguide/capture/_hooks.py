@@ -274,8 +274,10 @@ class Capture:
             with layer_by_layer({m: functools.partial(self._on_layer, m) for m in self._stacked}):
                 yield self._acts
         finally:
+            # The caller keeps the yielded dict; the capture keeps no activation past the pass
+            # (a graph-holding tensor on the module would break deepcopy, pickling and EMA copies).
             self._active = False
-            self._calls = {}
+            self._acts, self._calls = {}, {}
 
     def check_complete(self, acts: Mapping[str, Tensor], role: str = "model") -> None:
         missing = [name for name in self.names if name not in acts]

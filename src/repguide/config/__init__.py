@@ -25,6 +25,8 @@ from repguide.runs import check_run_name
 
 __all__ = [
     "ConfigError",
+    "diff_keys",
+    "resume_essentials",
     "DataConfig",
     "GuidanceConfig",
     "ModelConfig",
@@ -106,6 +108,9 @@ class GuidanceConfig(_Strict):
     init_steps: Annotated[int, _at_least(0)] = 0
     init_input: Literal["noise", "data"] = "noise"
     temperature: _Positive = 4.0  # distillation temperature
+    # The guide's mode at every forward: eval (no dropout, BatchNorm statistics never change) or
+    # train (dropout on and BatchNorm statistics updated, as the official code runs the guide).
+    guide_mode: Literal["eval", "train"] = "eval"
     # Fast modes (benchmarks/README.md gives each one's speed and error); the defaults are exact.
     guide_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 operands for the guide's Grams
     sketch_dim: Annotated[Optional[int], _at_least(1, null="for no sketch")] = None  # CountSketch activations wider than this before the Gram
@@ -361,3 +366,21 @@ def upgrade(stored: dict | None) -> dict | None:
         return RunConfig.model_validate(stored).model_dump(mode="json")
     except ValueError:
         return None
+
+
+def resume_essentials(cfg: dict) -> dict:
+    """The parts of a config that must match to resume (not the length of training or logging)."""
+    cfg = {k: v for k, v in cfg.items() if k not in ("description", "claim")}
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("epochs", "max_steps", "log_every", "checkpoint_every", "nonfinite")}
+    return cfg
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(f"{prefix}{k}")
+    return keys

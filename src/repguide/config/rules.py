@@ -124,6 +124,11 @@ def _guidance_problems(config: RunConfig) -> list[str]:
             "guidance.cache=true stores the guide's features of each training example, but the guide "
             "sees noise here (guidance.guide_input=noise or guidance.init_input=noise); turn one of them off"
         )
+    if gc.cache and gc.guide_mode == "train":
+        problems.append(
+            "guidance.cache=true stores the guide's features of each training example once, but "
+            "guidance.guide_mode=train gives new ones at every step (dropout); use guide_mode=eval or turn the cache off"
+        )
     augment = _data_kwargs(config.data).get("augment", "none")
     if gc.cache and augment != "none":
         problems.append(

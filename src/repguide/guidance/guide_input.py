@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
-from repguide.errors import GuideError
+from repguide.errors import GuideError, RepguideError
 import torch
 from torch import Tensor
 
 __all__ = ["explain_guide_failure", "noise_like"]
 
 
+# What torch says when a module gets inputs of the wrong shape, dtype, device, range or arguments.
+_ABOUT_INPUTS = re.compile(
+    r"shape|size|dimension|\bdim\b|channels|dtype|scalar type|input type|device|argument|"
+    r"index out of range|expected .*(input|tensor)",
+    re.IGNORECASE,
+)
+
+
 @contextlib.contextmanager
 def explain_guide_failure(guide_input: str | Callable):
-    """Re-raise an error from inside the guide's forward as one that says what to change."""
+    """Re-raise an error from inside the guide's forward that is about its inputs as one that says
+    what to change; any other error keeps its type and message, with a note that the guide raised it."""
+    given = "the inputs made by guide_input" if callable(guide_input) else "the target's inputs"
     try:
         yield
-    except (RuntimeError, TypeError) as err:
-        given = "the inputs made by guide_input" if callable(guide_input) else "the target's inputs"
+    except (RuntimeError, TypeError, IndexError) as err:
+        if isinstance(err, RepguideError) or not _ABOUT_INPUTS.search(str(err)):
+            err.add_note(f"(raised inside the guide's forward, which repguide.Guidance ran on {given})")
+            raise
         first_line = str(err).partition("\n")[0]
         raise GuideError(
             f"the guide failed on {given} ({type(err).__name__}: {first_line}). "

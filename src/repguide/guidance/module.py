@@ -11,14 +11,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from repguide.errors import GuidanceError
-from repguide.guidance.diagnostics import Diagnosable
 import torch
 from torch import Tensor, nn
 
-from repguide.capture import LAYER_RULES, REDUCTIONS, Capture, _batch_size, _first_tensor, discover, reduce
+from repguide.capture import Capture, _batch_size, _first_tensor, discover, reduce
+from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
+from repguide.guidance._checks import check_options, set_guide_mode
 from repguide.guidance._compute import similarities_and_loss
+from repguide.guidance.diagnostics import Diagnosable
 from repguide.guidance._host_step import HostStep
 from repguide.guidance.guide_cache import GuideFeatureCache
 from repguide.guidance.guide_input import explain_guide_failure, noise_like
@@ -43,16 +44,15 @@ class GuidanceOutput:
     weight: float = 0.0
 
 
-_PRECISIONS = ("fp32", "bf16")
-
-
 class Guidance(Diagnosable, nn.Module):
     """Train ``target`` with an alignment term to the frozen ``guide``.
 
     Args:
         target: the network being trained (any ``nn.Module``).
         guide: the network whose representations are matched; frozen (parameters never receive
-            gradients) and always run in eval mode under ``torch.no_grad()``.
+            gradients) and run under ``torch.no_grad()``. It may share no module, parameter or
+            buffer with the target. Its weights are part of this module's ``state_dict()``
+            (under ``guide.``), so a saved Guidance restores the guide it was trained with.
         pairs: ``"stretch"`` (the paper's even spread of guide layers over target layers), an
             explicit list of ``(target_layer, guide_layer[, weight])``, or
             ``{"target": names-or-globs, "guide": names-or-globs}``. See :func:`repguide.layers`.
@@ -79,6 +79,10 @@ class Guidance(Diagnosable, nn.Module):
         all_gather: for data-parallel training, a function concatenating a ``(n_local, ...)``
             tensor from every process along the batch axis (gradient-carrying for the target):
             the similarity is then computed on the global batch instead of each process's shard.
+        guide_mode: ``"eval"`` (no dropout; BatchNorm uses its running statistics and never
+            changes them) or ``"train"`` (dropout on and BatchNorm statistics updated, as the
+            official code runs the guide; refused with a ``guide_cache``). Set at every guide
+            forward, whatever ``.train()`` / ``.eval()`` calls reached the guide.
 
     Fast modes (opt-in; the defaults are exact; measured speed and error: benchmarks/README.md):
         guide_precision: ``"fp32"`` (exact) or ``"bf16"``: the guide's Gram matrices are computed
@@ -118,30 +122,17 @@ class Guidance(Diagnosable, nn.Module):
         sketch_dim: int | None = None,
         sketch_seed: int = 0,
         guide_cache: GuideFeatureCache | None = None,
+        guide_mode: str = "eval",
     ):
         super().__init__()
-        if target is guide:
-            raise GuidanceError("target and guide must be different modules (the guide is frozen)")
-        if layers not in LAYER_RULES:
-            raise GuidanceError(f"unknown layer rule {layers!r}; choose one of {', '.join(LAYER_RULES)}")
-        if reduction not in REDUCTIONS:
-            raise GuidanceError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-        if not (guide_input in ("same", "noise") or callable(guide_input)):
-            raise GuidanceError(
-                f"guide_input must be 'same', 'noise' or a callable (args, kwargs) -> (args, kwargs); "
-                f"got {guide_input!r}"
-            )
-        if guide_precision not in _PRECISIONS:
-            raise GuidanceError(f"guide_precision must be one of {', '.join(_PRECISIONS)}, got {guide_precision!r}")
-        if sketch_dim is not None and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
-            raise GuidanceError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
-        if guide_cache is not None and guide_input != "same":
-            raise GuidanceError(
-                "guide_cache stores the guide's features of each example, so the guide must see the "
-                f"target's own batch (guide_input='same'); got guide_input={guide_input!r}"
-            )
+        check_options(
+            target, guide, layers=layers, reduction=reduction, guide_input=guide_input,
+            guide_precision=guide_precision, sketch_dim=sketch_dim, guide_cache=guide_cache, guide_mode=guide_mode,
+        )
         self.target = target
-        self.guide = guide.eval().requires_grad_(False)
+        self.guide_mode = guide_mode
+        self.guide = guide.requires_grad_(False)
+        set_guide_mode(guide, guide_mode)
         self.measure = get_measure(measure) if isinstance(measure, str) else measure
         if isinstance(weight, (int, float)):
             weight = Constant(float(weight))
@@ -196,6 +187,7 @@ class Guidance(Diagnosable, nn.Module):
         explicit = self._pairs is not None
         types = "all" if explicit or isinstance(self._pair_spec, Mapping) else self.layer_types
         found = {}
+        set_guide_mode(self.guide, self.guide_mode)
         for role, model, a, k in (("target", self.target, args, kwargs), ("guide", self.guide, g_args, g_kwargs)):
             with explain_guide_failure(self.guide_input) if role == "guide" else contextlib.nullcontext():
                 infos = discover(
@@ -238,7 +230,7 @@ class Guidance(Diagnosable, nn.Module):
 
     def train(self, mode: bool = True) -> "Guidance":
         super().train(mode)
-        self.guide.eval()  # the guide's BatchNorm statistics and dropout never change
+        set_guide_mode(self.guide, self.guide_mode)
         return self
 
     def current_weight(self) -> float:
@@ -322,6 +314,7 @@ class Guidance(Diagnosable, nn.Module):
                 "similarity compares the same examples, so both must see the same batch size"
             )
         capture = self._captures["guide"]
+        set_guide_mode(self.guide, self.guide_mode)
         with capture.record(n) as g_acts, explain_guide_failure(self.guide_input):
             self._guide_stream = (g_acts, set(), prepare)
             try:

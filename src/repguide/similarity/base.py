@@ -211,14 +211,15 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
 
 
 def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, and 0 where den <= 0 (constant inputs), with finite gradients everywhere."""
-    ok = den > 0
+    """num / den, and 0 where den <= 0 (constant inputs), with finite gradients there. A NaN or
+    infinite ``den`` is divided by, so a non-finite input gives a non-finite similarity, never 0."""
+    ok = ~(den <= 0)
     return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
 
 
 def safe_sqrt(v: Tensor) -> Tensor:
-    """sqrt(v), and 0 where v <= 0, with finite gradients everywhere."""
-    ok = v > 0
+    """sqrt(v), and 0 where v <= 0, with finite gradients there; a NaN ``v`` stays NaN."""
+    ok = ~(v <= 0)
     return torch.where(ok, torch.where(ok, v, 1.0).sqrt(), 0.0)
 
 

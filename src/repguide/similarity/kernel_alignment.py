@@ -121,8 +121,9 @@ class UnbiasedLinearCKA(Measure):
         # A self-term that is rounding noise next to ‖K‖² (e.g. all rows but one identical, where
         # it is exactly 0) is treated as 0, so the value is 0 instead of noise with huge gradients.
         tol = 16 * n * torch.finfo(kx.dtype).eps
-        xx = torch.where(xx > tol * kx, xx, torch.zeros_like(xx))
-        yy = torch.where(yy > tol * ky, yy, torch.zeros_like(yy))
+        # (A NaN self-term is kept: a non-finite input must give a non-finite value.)
+        xx = torch.where(xx <= tol * kx, torch.zeros_like(xx), xx)
+        yy = torch.where(yy <= tol * ky, torch.zeros_like(yy), yy)
         return safe_div(xy, safe_sqrt(xx) * safe_sqrt(yy))
 
 

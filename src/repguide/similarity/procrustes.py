@@ -36,5 +36,7 @@ class Procrustes(Measure):
         a, b = _narrow(px), _narrow(py)
         nx = safe_sqrt(a.square().sum())
         ny = safe_sqrt(b.square().sum())
-        nuclear = torch.linalg.svdvals(a.T @ b).sum()
+        product = a.T @ b
+        # The SVD refuses non-finite entries; the NaN norm below still makes the value NaN.
+        nuclear = torch.linalg.svdvals(torch.where(product.isfinite(), product, 0.0)).sum()
         return safe_div(nuclear, nx * ny)
