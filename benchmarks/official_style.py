@@ -1,6 +1,6 @@
 """A guided step written the way the paper's official code computes it, as the baseline for R2.
 
-Reproduces the costs that paper.md §1.3-1.5 and §4.3 describe, on the same pairs as repguide:
+Reproduces the official code's costs, on the same pairs as repguide:
 
 * the target runs twice: once for the task loss, once more (gradient-carrying) to collect its
   activations (E3);

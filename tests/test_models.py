@@ -239,7 +239,7 @@ def test_resnets_match_torchvision_parameter_counts_at_imagenet_size():
     kw = dict(in_channels=3, num_classes=1000, small_input=False)
     assert sum(p.numel() for p in models.resnet18(**kw).parameters()) == 11_689_512
     assert sum(p.numel() for p in models.resnet50(**kw).parameters()) == 25_557_032
-    # The official NoResNet-50 (paper.md §2.1).
+    # The official NoResNet-50 (the paper's plain ConvNet).
     assert sum(p.numel() for p in models.plain_convnet(**kw).parameters()) == 22_780_456
 
 

@@ -8,7 +8,7 @@ def names(prefix, k):
 
 
 def test_stretch_matches_the_official_mapping_for_deep_fcn_from_resnet18():
-    # paper.md §1.5: 21 guide layers over 48 target layers.
+    # The official code's mapping: 21 guide layers over 48 target layers.
     pairs = stretch(names("t", 48), names("g", 21))
     assert [int(p.target[1:]) for p in pairs] == [
         0, 2, 5, 7, 9, 12, 14, 16, 19, 21, 24, 26, 28, 31, 33, 35, 38, 40, 42, 45, 47
