@@ -38,8 +38,9 @@ class Registry(Generic[B]):
     suggests the closest registered name when ``name`` is unknown.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, error: type[Exception] = ValueError) -> None:
         self.kind = kind
+        self.error = error  # what an unknown or taken name raises (a repguide.errors class)
         self._entries: dict[str, Entry[B]] = {}
 
     def register(self, name: str, builder: B | None = None, **defaults: Any) -> Any:
@@ -47,7 +48,7 @@ class Registry(Generic[B]):
 
         def add(obj: B) -> B:
             if name in self._entries:
-                raise ValueError(f"a {self.kind} named {name!r} is already registered")
+                raise self.error(f"a {self.kind} named {name!r} is already registered")
             self._entries[name] = Entry(obj, dict(defaults))
             return obj
 
@@ -63,7 +64,7 @@ class Registry(Generic[B]):
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.list())}.{hint}")
+            raise self.error(f"unknown {self.kind} {name!r}; available: {', '.join(self.list())}.{hint}")
         return self._entries[name]
 
     def list(self) -> list[str]:

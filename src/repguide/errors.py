@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentError",
+    "CaptureError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -69,6 +70,10 @@ class MeasureError(RepguideError, ValueError):
 
 class LayerError(RepguideError, ValueError):
     """A layer name, layer pairing or activation that capture cannot use."""
+
+
+class CaptureError(RepguideError, RuntimeError):
+    """A layer to capture did not run in the forward pass (bypassed, or called fewer times)."""
 
 
 class GuidanceError(RepguideError, ValueError):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from repguide.capture._recurrent import layer_by_layer, stacked_layer, stacked_layer_names
-from repguide.errors import LayerError
+from repguide.errors import CaptureError, LayerError
 
 #: How a layer's activation becomes the (n, d) matrix a similarity measure compares.
 REDUCTIONS = ("flatten", "mean", "tokens")
@@ -282,7 +282,7 @@ class Capture:
     def check_complete(self, acts: Mapping[str, Tensor], role: str = "model") -> None:
         missing = [name for name in self.names if name not in acts]
         if missing:
-            raise RuntimeError(
+            raise CaptureError(
                 f"the {role}'s forward pass did not run layer(s) {missing}. A module that runs "
                 "fewer times than its '@k' suffix says, or one bypassed by a fused fast path "
                 "(e.g. nn.TransformerEncoderLayer in eval mode under no_grad), never fires its "

@@ -77,7 +77,7 @@ def generator(seed: int, *keys: str | int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-DATASETS: Registry[Callable[..., Splits]] = Registry("data set")
+DATASETS: Registry[Callable[..., Splits]] = Registry("data set", error=DataError)
 Factory = TypeVar("Factory", bound=Callable[..., Splits])
 
 

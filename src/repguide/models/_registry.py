@@ -22,10 +22,11 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from repguide._registry import Registry
+from repguide.errors import ModelError
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", error=ModelError)
 
 
 def register(name: str, builder: Callable[..., nn.Module] | None = None, **defaults: Any) -> Any:
