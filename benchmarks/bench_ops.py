@@ -41,7 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CUDA, DEVICE, WORKLOADS, check_environment, machine, save, seeded, table  # noqa: E402
+from _common import CUDA, DEVICE, WORKLOADS, check_environment, machine, save, table  # noqa: E402
+from bench_step import Runner  # noqa: E402
 
 import repguide as rg  # noqa: E402
 
@@ -129,21 +130,13 @@ class OpCounter(TorchDispatchMode):
         return sum(self.syncs.values())
 
 
-class Step:
-    """One variant's objects and a ``step(counter)`` that moves ``counter.phase`` along."""
+class Step(Runner):
+    """bench_step's objects for one variant ("guided" is its exact step with ``options``), and a
+    ``step(counter)`` that moves ``counter.phase`` along."""
 
     def __init__(self, workload, variant: str, options: dict | None = None):
-        self.workload, self.variant = workload, variant
-        self.x, self.y, self.index = workload.batch(0)
-        self.target = seeded(workload.make_target, 0)
-        self.guide = seeded(workload.make_guide, 1).eval()
-        self.optimizer = torch.optim.Adam(self.target.parameters(), lr=1e-3)
-        self.guidance = None
-        if variant == "guided":
-            options = dict(options or {})
-            if options.pop("guide_cache", False):
-                options["guide_cache"] = rg.GuideFeatureCache(len(workload.dataset))
-            self.guidance = rg.Guidance(self.target, self.guide, example_input=self.x, **options)
+        super().__init__(workload, "exact" if variant == "guided" else variant, options)
+        self.variant = variant
 
     @property
     def pairs(self) -> int:
