@@ -79,6 +79,9 @@ class Check(_Entry):
 
     better: str
     worse: str
+    # How much ``better`` must beat ``worse`` by (in the metric's units) beyond the two spreads:
+    # C4's ablation asks the guided RNN for a third of the paper's effect, not any gain.
+    margin: float = Field(default=0.0, ge=0.0)
 
 
 class ConsistencyPair(_Entry):

@@ -156,7 +156,8 @@ def collect(run: str, seeds: int, runs_dir: Path) -> Stat:
     return stat
 
 
-def verdict(better: Stat, worse: Stat, higher_is_better: bool) -> str:
+def verdict(better: Stat, worse: Stat, higher_is_better: bool, margin: float = 0.0) -> str:
+    """Whether ``better`` beats ``worse`` by more than ``margin`` plus the two spreads."""
     if not better.values or not worse.values:
         return "not run"
     diff = (better.mean - worse.mean) * (1 if higher_is_better else -1)
@@ -165,6 +166,10 @@ def verdict(better: Stat, worse: Stat, higher_is_better: bool) -> str:
     if seeds < 3:
         direction = "as claimed" if diff > 0 else "opposite" if diff < 0 else "no difference"
         return f"direction {direction} ({diff:+.2f}; {seeds} seed(s): too few to count)"
+    if margin:
+        if diff - margin > spread:
+            return f"**reproduced** (difference {diff:+.2f} − margin {margin:g} > spread {spread:.2f})"
+        return f"**not reproduced**: difference {diff:+.2f} − margin {margin:g} ≤ spread {spread:.2f}"
     if diff > spread:
         return f"**reproduced** (difference {diff:+.2f} > spread {spread:.2f})"
     if diff > 0:
@@ -246,7 +251,9 @@ def _claim_section(claim: Claim, seeds: int, runs_dir: Path, figures: Path, root
     op = ">" if claim.higher_is_better else "<"
     for check in claim.checks:
         better, worse = stats[check.better], stats[check.worse]
-        lines.append(f"| `{check.better}` {op} `{check.worse}` | {verdict(better, worse, claim.higher_is_better)} |")
+        by = f" + {check.margin:g}" if check.margin else ""
+        result = verdict(better, worse, claim.higher_is_better, check.margin)
+        lines.append(f"| `{check.better}` {op} `{check.worse}`{by} | {result} |")
     png = plot_claim(claim, stats, figures / f"{claim.id}.png")
     lines += ["", f"![{claim.id}]({png.relative_to(root).as_posix()})", ""]
     if claim.consistency:
