@@ -71,6 +71,56 @@ def test_minibatch_cka_equals_a_float64_reference_that_averages_hsic_over_batche
     torch.testing.assert_close(acc.compute(), torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-12)
 
 
+def deep_fcn_activations(batches: int, n: int) -> list[list[torch.Tensor]]:
+    """Per batch, float32 outputs of layers 1, 6 and 12 of a 12-layer ReLU FCN at PyTorch's default
+    init (the deep ones small in magnitude and nearly constant across examples), and a layer far
+    from zero with small deviations (1000 + 0.01·noise)."""
+    torch.manual_seed(0)
+    fcn = nn.Sequential(*[m for i in range(12) for m in (nn.Linear(32 if i == 0 else 128, 128), nn.ReLU())])
+    out = []
+    for _ in range(batches):
+        h, acts = torch.randn(n, 32), []
+        for i, layer in enumerate(fcn):
+            h = layer(h).detach()
+            if i in (1, 11, 23):
+                acts.append(h)
+        acts.append(1000 + 0.01 * torch.randn(n, 64))
+        out.append(acts)
+    return out
+
+
+def test_float32_activations_are_within_1e_6_of_a_float64_reference_on_deep_and_offset_layers():
+    batches = deep_fcn_activations(4, 64)
+    assert batches[0][2].abs().mean() < 0.05 and batches[0][2].std(0).mean() < 0.1 * batches[0][2].abs().mean()
+    per_layer = [[b[i].double().numpy() for b in batches] for i in range(4)]
+
+    def hsic1(x, y):  # Song et al. (2012) eq. 5 (the U-statistic above is O(n⁴) at n = 64), on
+        # float64-centred features, or on uncentred float32 ones for the last check below
+        k, l = [((f - f.mean(0)) if f.dtype == np.float64 else f) for f in (x, y)]
+        k, l = (k @ k.T).astype(np.float64), (l @ l.T).astype(np.float64)
+        np.fill_diagonal(k, 0), np.fill_diagonal(l, 0)
+        n = len(k)
+        return ((k * l).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (k @ l).sum()) / (n * (n - 3))
+
+    def reference(xs, ys):
+        xy, xx, yy = (np.mean([hsic1(a, b) for a, b in zip(u, v)]) for u, v in ((xs, ys), (xs, xs), (ys, ys)))
+        return xy / np.sqrt(xx * yy)
+
+    expected = torch.tensor([[reference(x, y) for y in per_layer] for x in per_layer])
+    default, all64 = MinibatchCKA(4, 4), MinibatchCKA(4, 4, gram_dtype=torch.float64)
+    for acts in batches:
+        default.update(acts, acts)
+        all64.update(acts, acts)
+    # The default: the Gram products in float32 (the activations' precision), the HSIC sums in float64.
+    assert default.compute().dtype == torch.float64
+    assert (default.compute() - expected).abs().max() < 1e-6
+    assert (all64.compute() - expected).abs().max() < 1e-12
+    # These layers are hard: float32 Grams of the uncentred features are far off on them.
+    raw = [[b[i].numpy() for b in batches] for i in range(4)]
+    uncentred = torch.tensor([[reference(x, y) for y in raw] for x in raw])  # float32 Grams, no centring
+    assert (uncentred - expected).abs().max() > 1e-3
+
+
 def test_minibatch_cka_of_one_batch_equals_cka_unbiased():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 30, generator=g, dtype=torch.float64)

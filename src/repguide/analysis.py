@@ -167,6 +167,7 @@ def compare(
     max_examples: int | None = None,
     inputs: Callable[[Batch], tuple[tuple, dict]] = split_batch,
     dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | None = None,
 ) -> SimilarityMatrix:
     """Minibatch linear CKA (:class:`MinibatchCKA`) of every layer of ``model_a`` against every
     layer of ``model_b`` over ``batches`` (a DataLoader or any iterable; see :func:`split_batch`).
@@ -178,7 +179,9 @@ def compare(
     :func:`repguide.capture.reduce`). ``max_examples``: stop after this many examples. A batch
     of fewer than 4 examples after the first (a DataLoader's last) is left out: the unbiased
     HSIC needs 4; ``examples`` in the result counts those used. ``inputs``: how a batch becomes
-    the models' ``(args, kwargs)``. Returns float64 values on the CPU.
+    the models' ``(args, kwargs)``. ``dtype``: the centring and the HSIC sums; ``gram_dtype``: the
+    Gram products, by default the activations' own precision (float32 for a float32 model;
+    ``torch.float64`` makes every step float64). Returns ``dtype`` values on the CPU.
     """
     if reduction not in ("flatten", "mean"):
         raise ArgumentError(f"reduction must be 'flatten' or 'mean' for compare, got {reduction!r}")
@@ -195,11 +198,14 @@ def compare(
         for model, spec, role in ((model_a, layers_a, "model A"), (model_b, layers_b, "model B"))[: 1 if same else 2]:
             device = _device_of(model)
             args, kwargs = _move(*inputs(first), device)
-            axes = _probe_batch_axes(model, args, kwargs) if _batch_size(args, kwargs) >= max(_PROBES) else {}
+            probe = _batch_size(args, kwargs) >= max(_PROBES)
+            axes = _probe_batch_axes(model, args, kwargs) if probe else {}
+            if probe:  # discovery needs the modules that run and their shapes, not a whole batch
+                args, kwargs = _head(args, max(_PROBES)), _head(kwargs, max(_PROBES))
             names.append(_layer_names(model, spec, args, kwargs, axes, role, layers))
             captures.append(Capture(model, names[-1], {k: v for k, v in axes.items() if k in names[-1]}, role=role))
             runs.append((model, captures[-1], device, role))
-        result = MinibatchCKA(len(names[0]), len(names[-1]), dtype)
+        result = MinibatchCKA(len(names[0]), len(names[-1]), dtype, gram_dtype)
         for batch in itertools.chain([first], batches):
             args, kwargs = inputs(batch)
             n = _batch_size(args, kwargs)
