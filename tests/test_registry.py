@@ -48,3 +48,30 @@ def test_a_taken_name_is_refused_until_unregistered():
     assert reg.list() == [] and "box" not in reg
     reg.register("box", Box)
     assert reg.list() == ["box"]
+
+
+def test_restore_on_exit_undoes_registrations_and_removals_made_inside_it():
+    reg = Registry("box")
+    reg.register("kept", Box)
+    reg.register("dropped", Box)
+    with reg.restore_on_exit() as inside:
+        assert inside is reg
+        reg.register("temporary", Box)
+        reg.unregister("dropped")
+        assert reg.list() == ["kept", "temporary"]
+    assert reg.list() == ["dropped", "kept"]
+    with pytest.raises(RuntimeError), reg.restore_on_exit():  # an error inside restores too
+        reg.register("temporary", Box)
+        raise RuntimeError
+    assert reg.list() == ["dropped", "kept"]
+
+
+def test_measures_use_the_registry_with_their_own_error_and_messages():
+    from repguide import similarity
+    from repguide.errors import MeasureError
+
+    assert isinstance(similarity.MEASURES, Registry) and similarity.MEASURES.list() == similarity.list_measures()
+    with pytest.raises(MeasureError, match=r"^unknown similarity measure 'ckaa'; available: .*\. Did you mean 'cka'\?$"):
+        similarity.get_measure("ckaa")
+    with pytest.raises(MeasureError, match="^a similarity measure named 'cka' is already registered$"):
+        similarity.register_measure("cka")(lambda x, y: x.sum())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -35,7 +37,8 @@ class Registry(Generic[B]):
 
     ``register(name, builder, **defaults)`` adds an entry, or ``@register(name, **defaults)`` on a
     class or factory; one builder may serve several names with different defaults. ``get(name)``
-    suggests the closest registered name when ``name`` is unknown.
+    suggests the closest registered name when ``name`` is unknown. ``with restore_on_exit():``
+    undoes what is registered or unregistered inside it (a test's temporary entries).
     """
 
     def __init__(self, kind: str, error: type[Exception] = ValueError) -> None:
@@ -58,6 +61,17 @@ class Registry(Generic[B]):
         """Remove ``name`` (e.g. a test's temporary entry)."""
         self.get(name)
         del self._entries[name]
+
+    @contextlib.contextmanager
+    def restore_on_exit(self) -> Iterator[Registry[B]]:
+        """A context in which registrations are temporary: on exit the entries are again exactly
+        those on entry, whatever was registered or unregistered inside."""
+        saved = dict(self._entries)
+        try:
+            yield self
+        finally:
+            self._entries.clear()
+            self._entries.update(saved)
 
     def get(self, name: str) -> Entry[B]:
         """The entry registered as ``name``; an error naming the closest names if there is none."""
