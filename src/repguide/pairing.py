@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["Pair", "PairSpec", "resolve_pairs", "stretch"]
+__all__ = ["Pair", "PairSpec", "resolve_pairs", "select_layers", "stretch"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[P
     return [Pair(tl, guide_layers[round(j * step)]) for j, tl in enumerate(target_layers)]
 
 
-def _select(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
+def select_layers(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
     """Layers matching any of the names or glob patterns, in ``available``'s (execution) order."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     chosen = []
@@ -98,8 +98,8 @@ def resolve_pairs(
             )
         _require_layers(target_layers, guide_layers)
         pairs = stretch(
-            _select(spec.get("target", "*"), target_layers, "target"),
-            _select(spec.get("guide", "*"), guide_layers, "guide"),
+            select_layers(spec.get("target", "*"), target_layers, "target"),
+            select_layers(spec.get("guide", "*"), guide_layers, "guide"),
         )
     else:
         pairs = [_as_pair(item) for item in spec]

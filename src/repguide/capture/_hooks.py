@@ -51,7 +51,9 @@ _CHANNELS_FIRST_1D = (
 )
 
 
-def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
+def first_tensor(output: Any) -> Tensor | PackedSequence | None:
+    """The first tensor (or ``PackedSequence``) in ``output``, depth first through sequences and
+    mappings; None if it holds none."""
     if isinstance(output, (Tensor, PackedSequence)):
         return output
     if isinstance(output, Mapping):
@@ -61,7 +63,7 @@ def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
     else:
         return None
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None
@@ -163,7 +165,7 @@ class _Normaliser:
         self.batch_size = 0
 
     def __call__(self, name: str, module: nn.Module, output: Any) -> Tensor:
-        found = _first_tensor(output)
+        found = first_tensor(output)
         if found is None:
             raise LayerError(
                 f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}, "
@@ -295,8 +297,9 @@ class Capture:
         self._handles = []
 
 
-def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
-    found = _first_tensor(list(args) + list(kwargs.values()))
+def input_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
+    """The batch size of a forward call's inputs: the size along ``axis`` of its first tensor."""
+    found = first_tensor(list(args) + list(kwargs.values()))
     if found is None:
         raise LayerError("the model's inputs hold no tensor, so the batch size is unknown")
     if isinstance(found, PackedSequence):
