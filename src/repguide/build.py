@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from repguide import data as datasets
 from repguide import models
-from repguide.config import ModelConfig, RunConfig, validate
+from repguide.config import ModelConfig, RunConfig, parse_yaml, validate
 from repguide.errors import ArgumentError, ConfigError, ModelError
 from repguide.runs import CheckpointError, RunDirError, load_weights
 
@@ -151,4 +150,4 @@ def run_config(run_dir: str | Path) -> RunConfig:
     file = Path(run_dir) / "config.yaml"
     if not file.is_file():
         raise RunDirError(f"{run_dir} is not a run folder: it has no config.yaml")
-    return validate(yaml.safe_load(file.read_text()))
+    return validate(parse_yaml(file.read_text(), f"run config {file}"))

@@ -36,6 +36,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "parse_overrides",
+    "parse_yaml",
 ]
 
 SCALES = ("tiny", "small", "paper")
@@ -219,7 +220,9 @@ def list_recipes() -> list[str]:
     )
 
 
-def _parse_yaml(text: str, where: str) -> dict:
+def parse_yaml(text: str, where: str) -> dict:
+    """The mapping a YAML document holds (an empty one: {}); a one-line :class:`ConfigError` naming
+    ``where`` (e.g. ``"recipe mine.yaml"``) and the line when it is not YAML or not a mapping."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -235,7 +238,7 @@ def _parse_yaml(text: str, where: str) -> dict:
 def _read_recipe(ref: str) -> tuple[dict, str]:
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        return _parse_yaml(path.read_text(), f"recipe {path}"), path.stem
+        return parse_yaml(path.read_text(), f"recipe {path}"), path.stem
     shipped = _recipe_dir() / f"{ref}.yaml"
     if not shipped.is_file():
         close = difflib.get_close_matches(ref, list_recipes(), n=3)
@@ -244,7 +247,7 @@ def _read_recipe(ref: str) -> tuple[dict, str]:
             f"no recipe {ref!r}: give a YAML file path or one of the shipped recipes "
             f"(repguide recipes).{hint}"
         )
-    return _parse_yaml(shipped.read_text(), f"recipe {ref}"), ref
+    return parse_yaml(shipped.read_text(), f"recipe {ref}"), ref
 
 
 def _merge(base: dict, extra: dict) -> dict:
