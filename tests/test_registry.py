@@ -75,3 +75,16 @@ def test_measures_use_the_registry_with_their_own_error_and_messages():
         similarity.get_measure("ckaa")
     with pytest.raises(MeasureError, match="^a similarity measure named 'cka' is already registered$"):
         similarity.register_measure("cka")(lambda x, y: x.sum())
+
+
+def test_did_you_mean_fills_its_form_with_the_closest_choices_or_gives_nothing():
+    from repguide._registry import did_you_mean
+
+    choices = ["width", "depth", "num_classes"]
+    assert did_you_mean("widht", choices) == " Did you mean width?"
+    assert did_you_mean("widht", choices, show=repr) == " Did you mean 'width'?"
+    assert did_you_mean(["dept", "widht"], choices) == " Did you mean depth, width?"  # one for each name
+    assert did_you_mean("colour", choices) == ""
+    assert did_you_mean("layer1", ["layer1.0", "layer1.1", "layer2", "fc"], " Closest: {}.", n=3, cutoff=0.5) == (
+        " Closest: layer1.1, layer1.0, layer2."
+    )

@@ -6,7 +6,6 @@ its own seed, so a run's initial weights can be rebuilt from its config alone.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from repguide import data as datasets
 from repguide import models
+from repguide._registry import did_you_mean
 from repguide.config import ModelConfig, RunConfig, parse_yaml, validate
 from repguide.errors import ArgumentError, ConfigError, ModelError
 from repguide.runs import CheckpointError, RunDirError, load_weights
@@ -37,8 +37,7 @@ def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Mod
     accepted = models.accepted_kwargs(spec.name)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(unknown, accepted)
         raise ModelError(
             f"model {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
             f"{', '.join(sorted(accepted))}.{hint}"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from repguide.errors import LayerError
-
-import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
+
+from repguide._registry import did_you_mean
+from repguide.errors import LayerError
 
 __all__ = ["Pair", "PairSpec", "resolve_pairs", "select_layers", "stretch"]
 
@@ -66,8 +66,7 @@ def select_layers(patterns: str | Sequence[str], available: Sequence[str], role:
 
 
 def _no_match_message(name: str, available: Sequence[str], role: str) -> str:
-    close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
-    hint = f" Closest: {', '.join(close)}." if close else ""
+    hint = did_you_mean(name, available, " Closest: {}.", n=3, cutoff=0.5)
     listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
     return f"no {role} layer matches {name!r}.{hint} Available {role} layers: {listing}"
 

@@ -13,7 +13,6 @@ and otherwise an error asks for ``batch_axes={"layer": axis}``. Nothing is dropp
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from repguide._registry import did_you_mean
 from repguide.capture._recurrent import layer_by_layer, stacked_layer, stacked_layer_names
 from repguide.errors import CaptureError, LayerError
 
@@ -146,8 +146,7 @@ def _module_names(model: nn.Module) -> list[str]:
 
 
 def _unknown_layer_message(name: str, available: Sequence[str], role: str) -> str:
-    close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
-    hint = f" Closest: {', '.join(close)}." if close else ""
+    hint = did_you_mean(name, available, " Closest: {}.", n=3, cutoff=0.5)
     listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
     return (
         f"the {role} has no layer named {name!r}.{hint} Its modules: {listing} "

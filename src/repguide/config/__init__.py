@@ -8,7 +8,6 @@ applied for the chosen scale. Unknown keys and wrong types are errors that name 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from importlib import resources
@@ -19,6 +18,7 @@ import torch
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from repguide._registry import did_you_mean
 from repguide.config import rules as _rules
 from repguide.errors import ConfigError
 from repguide.runs import check_run_name
@@ -241,8 +241,7 @@ def _read_recipe(ref: str) -> tuple[dict, str]:
         return parse_yaml(path.read_text(), f"recipe {path}"), path.stem
     shipped = _recipe_dir() / f"{ref}.yaml"
     if not shipped.is_file():
-        close = difflib.get_close_matches(ref, list_recipes(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(ref, list_recipes(), n=3)
         raise ConfigError(
             f"no recipe {ref!r}: give a YAML file path or one of the shipped recipes "
             f"(repguide recipes).{hint}"
@@ -355,8 +354,9 @@ def _key_hint(where: str) -> str:
             return ""
         model = field.annotation
     fields = list(getattr(model, "model_fields", {}))
-    close = difflib.get_close_matches(parts[-1], fields, n=1)
-    return f" (did you mean {'.'.join(parts[:-1] + close)!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+    prefix = "".join(f"{part}." for part in parts[:-1])
+    hint = did_you_mean(parts[-1], fields, " (did you mean {}?)", show=lambda field: repr(prefix + field))
+    return hint or f"; valid keys: {', '.join(fields)}"
 
 
 def upgrade(stored: dict | None) -> dict | None:
