@@ -356,6 +356,15 @@ def test_load_model_builds_a_registry_name_from_its_seed():
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
+def test_a_run_folder_whose_config_is_not_yaml_is_a_config_error_naming_the_file(tmp_path):
+    from repguide.build import run_config
+    from repguide.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("model: [")
+    with pytest.raises(ConfigError, match=r"^run config .*config\.yaml is not valid YAML at line 1, column 9: "):
+        run_config(tmp_path)
+
+
 def test_load_model_reads_a_run_folder_its_checkpoints_and_its_initial_weights(guided_run):
     from repguide.build import build_model, run_config
     from repguide.runs import load_weights

@@ -106,6 +106,42 @@ def test_no_unit_imports_a_unit_of_its_own_or_a_higher_layer():
     assert not wrong, "\n".join(wrong)
 
 
+def _imported_names(name: str, path: Path) -> list[tuple[int, str]]:
+    """Every ``repguide.x.y`` and ``repguide.x.y.name`` that ``name`` imports (line, dotted path
+    below repguide), under ``if TYPE_CHECKING:`` too."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                mod = ".".join(["repguide", *base, *([mod] if mod else [])])
+            found += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
+    return [(line, t.removeprefix("repguide.")) for line, t in found if t.startswith("repguide.")]
+
+
+def test_no_unit_imports_a_private_name_of_another_unit():
+    """A leading-underscore name (a module, function, class or constant: any part of the dotted
+    path) is private to its unit, the top-level module or subpackage it is in: ``capture._hooks``
+    and ``capture._hooks._Normaliser`` may be imported inside ``capture`` only. Another unit
+    imports what the unit exports under a public name. The one exception is the unit
+    ``_registry`` itself, a private module meant for every unit's registries. Dunder names
+    (``__version__``) are not private."""
+    wrong = []
+    for module, path in _modules().items():
+        for line, target in _imported_names(module, path):
+            parts = target.split(".")
+            private = [p for p in parts[1:] if p.startswith("_") and not p.startswith("__")]
+            if parts[0].startswith("_") and parts[0] not in ("_registry", "__init__"):
+                private.insert(0, parts[0])
+            if private and parts[0] != _unit(module):
+                wrong.append(f"{path.relative_to(SRC)}:{line} imports repguide.{target}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
     state: dict[str, int] = {}

@@ -72,6 +72,20 @@ def test_an_invalid_claim_fails_at_load_time_naming_the_claim_and_the_key(tmp_pa
         load_claims(claims_file(tmp_path, CLAIM.replace(old, new, 1)))
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("claims: [", r"claims file .*claims\.yaml is not valid YAML at line 1, column 10: expected"),
+        ("- id: C1\n", r"claims file .*claims\.yaml must be a mapping of keys to values .*, got a list"),
+        ("", r"claims file .*claims\.yaml must hold one key, claims: a list of claim entries"),
+        ("claims: {id: C1}", r"claims file .*claims\.yaml must hold one key, claims: a list of claim entries"),
+    ],
+)
+def test_a_claims_file_that_is_not_a_list_of_claims_fails_naming_the_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_claims(claims_file(tmp_path, text))
+
+
 def test_a_run_name_means_one_recipe_with_one_set_of_overrides_across_claims(tmp_path):
     other = '      - {recipe: deep_fcn_resnet18, run: deep_fcn_resnet18-w0.1, label: w, overrides: {guidance.weight: 0.5}}'
     text = ABLATION.replace('paper: "1.65"}', 'paper: "1.65"}\n' + other, 1)

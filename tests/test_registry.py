@@ -48,3 +48,43 @@ def test_a_taken_name_is_refused_until_unregistered():
     assert reg.list() == [] and "box" not in reg
     reg.register("box", Box)
     assert reg.list() == ["box"]
+
+
+def test_restore_on_exit_undoes_registrations_and_removals_made_inside_it():
+    reg = Registry("box")
+    reg.register("kept", Box)
+    reg.register("dropped", Box)
+    with reg.restore_on_exit() as inside:
+        assert inside is reg
+        reg.register("temporary", Box)
+        reg.unregister("dropped")
+        assert reg.list() == ["kept", "temporary"]
+    assert reg.list() == ["dropped", "kept"]
+    with pytest.raises(RuntimeError), reg.restore_on_exit():  # an error inside restores too
+        reg.register("temporary", Box)
+        raise RuntimeError
+    assert reg.list() == ["dropped", "kept"]
+
+
+def test_measures_use_the_registry_with_their_own_error_and_messages():
+    from repguide import similarity
+    from repguide.errors import MeasureError
+
+    assert isinstance(similarity.MEASURES, Registry) and similarity.MEASURES.list() == similarity.list_measures()
+    with pytest.raises(MeasureError, match=r"^unknown similarity measure 'ckaa'; available: .*\. Did you mean 'cka'\?$"):
+        similarity.get_measure("ckaa")
+    with pytest.raises(MeasureError, match="^a similarity measure named 'cka' is already registered$"):
+        similarity.register_measure("cka")(lambda x, y: x.sum())
+
+
+def test_did_you_mean_fills_its_form_with_the_closest_choices_or_gives_nothing():
+    from repguide._registry import did_you_mean
+
+    choices = ["width", "depth", "num_classes"]
+    assert did_you_mean("widht", choices) == " Did you mean width?"
+    assert did_you_mean("widht", choices, show=repr) == " Did you mean 'width'?"
+    assert did_you_mean(["dept", "widht"], choices) == " Did you mean depth, width?"  # one for each name
+    assert did_you_mean("colour", choices) == ""
+    assert did_you_mean("layer1", ["layer1.0", "layer1.1", "layer2", "fc"], " Closest: {}.", n=3, cutoff=0.5) == (
+        " Closest: layer1.1, layer1.0, layer2."
+    )

@@ -373,9 +373,10 @@ def test_nonfinite_skip_drops_the_bad_steps_and_finishes_with_finite_weights(tmp
 
 
 @pytest.fixture
-def private_measures(monkeypatch):
+def private_measures():
     """Measures registered by a test vanish after it (other tests iterate over the registry)."""
-    monkeypatch.setattr(similarity, "_MEASURES", dict(similarity._MEASURES))
+    with similarity.MEASURES.restore_on_exit():
+        yield
 
 
 @needs_fmnist

@@ -116,14 +116,9 @@ def test_get_measure_unknown_name_raises_value_error_listing_names():
 
 @pytest.fixture
 def restore_registry():
-    # registering test measures must not leak into other tests (list_measures() equality);
-    # the registry dict is private, so this cleanup is best effort
-    reg = getattr(S, "_MEASURES", None)
-    saved = dict(reg) if isinstance(reg, dict) else None
-    yield
-    if saved is not None:
-        reg.clear()
-        reg.update(saved)
+    # registering test measures must not leak into other tests (list_measures() equality)
+    with S.MEASURES.restore_on_exit():
+        yield
 
 
 def test_register_measure_function_and_duplicate_name_raises(restore_registry):

@@ -1,15 +1,35 @@
-"""One name → builder registry, shared by the models, the data sets and the similarity measures."""
+"""One name → builder registry, shared by the models, the data sets and the similarity measures, and
+:func:`did_you_mean`, the closest-name hint of every unknown-name error."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
-__all__ = ["Entry", "Registry"]
+__all__ = ["Entry", "Registry", "did_you_mean"]
 
 B = TypeVar("B", bound=Callable[..., Any])
+
+
+def did_you_mean(
+    names: str | Iterable[str],
+    choices: Iterable[str],
+    form: str = " Did you mean {}?",
+    *,
+    n: int = 1,
+    cutoff: float = 0.6,
+    show: Callable[[str], str] = str,
+) -> str:
+    """``form`` around the choices closest to ``names`` (difflib's, up to ``n`` for each name, each
+    written by ``show``, comma-joined), or "" when none is close enough: an error message's hint."""
+    names = [names] if isinstance(names, str) else list(names)
+    choices = list(choices)
+    close = [m for name in names for m in difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)]
+    return form.format(", ".join(map(show, close))) if close else ""
 
 
 @dataclass(frozen=True)
@@ -35,7 +55,8 @@ class Registry(Generic[B]):
 
     ``register(name, builder, **defaults)`` adds an entry, or ``@register(name, **defaults)`` on a
     class or factory; one builder may serve several names with different defaults. ``get(name)``
-    suggests the closest registered name when ``name`` is unknown.
+    suggests the closest registered name when ``name`` is unknown. ``with restore_on_exit():``
+    undoes what is registered or unregistered inside it (a test's temporary entries).
     """
 
     def __init__(self, kind: str, error: type[Exception] = ValueError) -> None:
@@ -59,11 +80,21 @@ class Registry(Generic[B]):
         self.get(name)
         del self._entries[name]
 
+    @contextlib.contextmanager
+    def restore_on_exit(self) -> Iterator[Registry[B]]:
+        """A context in which registrations are temporary: on exit the entries are again exactly
+        those on entry, whatever was registered or unregistered inside."""
+        saved = dict(self._entries)
+        try:
+            yield self
+        finally:
+            self._entries.clear()
+            self._entries.update(saved)
+
     def get(self, name: str) -> Entry[B]:
         """The entry registered as ``name``; an error naming the closest names if there is none."""
         if name not in self._entries:
-            close = difflib.get_close_matches(name, list(self._entries), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, self._entries, show=repr)
             raise self.error(f"unknown {self.kind} {name!r}; available: {', '.join(self.list())}.{hint}")
         return self._entries[name]
 

@@ -20,8 +20,8 @@ from repguide.errors import ArgumentError
 import torch
 from torch import Tensor, nn
 
-from repguide.capture import Capture, _batch_size, _first_tensor, _no_side_effects, discover, reduce
-from repguide.pairing import _select
+from repguide.capture import Capture, discover, first_tensor, input_batch_size, no_side_effects, reduce
+from repguide.pairing import select_layers
 from repguide.similarity import MinibatchCKA
 
 __all__ = [
@@ -125,14 +125,14 @@ def _probe_batch_axes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, 
         seen: dict[str, tuple[int, ...]] = {}
 
         def hook(module, inputs, output, name):
-            found = _first_tensor(output)
+            found = first_tensor(output)
             if isinstance(found, Tensor):
                 seen.setdefault(name, tuple(found.shape))
 
         modules = [(name, m) for name, m in model.named_modules() if name]
         handles = [m.register_forward_hook(functools.partial(hook, name=name)) for name, m in modules]
         try:
-            with _no_side_effects(model):
+            with no_side_effects(model):
                 model(*_head(args, size), **_head(kwargs, size))
         finally:
             for handle in handles:
@@ -151,7 +151,7 @@ def _layer_names(model: nn.Module, spec, args: tuple, kwargs: dict, axes: dict, 
     if spec is None:
         return [info.name for info in discover(model, *args, layers=rule, batch_axes=axes, **kwargs)]
     available = [info.name for info in discover(model, *args, types="all", batch_axes=axes, **kwargs)]
-    return _select(spec, available, role)
+    return select_layers(spec, available, role)
 
 
 @torch.no_grad()
@@ -198,7 +198,7 @@ def compare(
         for model, spec, role in ((model_a, layers_a, "model A"), (model_b, layers_b, "model B"))[: 1 if same else 2]:
             device = _device_of(model)
             args, kwargs = _move(*inputs(first), device)
-            probe = _batch_size(args, kwargs) >= max(_PROBES)
+            probe = input_batch_size(args, kwargs) >= max(_PROBES)
             axes = _probe_batch_axes(model, args, kwargs) if probe else {}
             if probe:  # discovery needs the modules that run and their shapes, not a whole batch
                 args, kwargs = _head(args, max(_PROBES)), _head(kwargs, max(_PROBES))
@@ -208,7 +208,7 @@ def compare(
         result = MinibatchCKA(len(names[0]), len(names[-1]), dtype, gram_dtype)
         for batch in itertools.chain([first], batches):
             args, kwargs = inputs(batch)
-            n = _batch_size(args, kwargs)
+            n = input_batch_size(args, kwargs)
             if max_examples is not None and n > max_examples - result.examples:
                 n = max_examples - result.examples
                 args, kwargs = _head(args, n), _head(kwargs, n)
@@ -292,7 +292,7 @@ def correct(model: nn.Module, batches: Iterable[Sequence[Tensor]]) -> Tensor:
     try:
         for batch in batches:
             *args, y = (t.to(device) if device is not None else t for t in batch)
-            logits = _first_tensor(model(*args))
+            logits = first_tensor(model(*args))
             hit = logits.argmax(dim=-1) == y
             out.append(hit[y != IGNORE_INDEX].reshape(-1).cpu())
     finally:

@@ -6,19 +6,18 @@ its own seed, so a run's initial weights can be rebuilt from its config alone.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from repguide import data as datasets
 from repguide import models
-from repguide.config import ModelConfig, RunConfig, validate
+from repguide._registry import did_you_mean
+from repguide.config import ModelConfig, RunConfig, parse_yaml, validate
 from repguide.errors import ArgumentError, ConfigError, ModelError
 from repguide.runs import CheckpointError, RunDirError, load_weights
 
@@ -38,8 +37,7 @@ def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Mod
     accepted = models.accepted_kwargs(spec.name)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(unknown, accepted)
         raise ModelError(
             f"model {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
             f"{', '.join(sorted(accepted))}.{hint}"
@@ -151,4 +149,4 @@ def run_config(run_dir: str | Path) -> RunConfig:
     file = Path(run_dir) / "config.yaml"
     if not file.is_file():
         raise RunDirError(f"{run_dir} is not a run folder: it has no config.yaml")
-    return validate(yaml.safe_load(file.read_text()))
+    return validate(parse_yaml(file.read_text(), f"run config {file}"))

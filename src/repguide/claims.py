@@ -16,10 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from repguide.config import SCALES, list_recipes, load_recipe
+from repguide.config import SCALES, list_recipes, load_recipe, parse_yaml
 from repguide.errors import ConfigError
 from repguide.runs import check_run_name
 
@@ -147,11 +146,8 @@ def load_claims(path: str | Path | None = None) -> tuple[Claim, ...]:
     """The validated claims of ``path`` (the shipped ``recipes/claims/paper.yaml`` by default), in
     the file's order; a :class:`ConfigError` naming the claim and the key when one is invalid."""
     path = Path(path) if path is not None else _default_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"claims file {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict) or set(raw) != {"claims"} or not isinstance(raw["claims"], list):
+    raw = parse_yaml(path.read_text(), f"claims file {path}")
+    if set(raw) != {"claims"} or not isinstance(raw["claims"], list):
         raise ConfigError(f"claims file {path} must hold one key, claims: a list of claim entries")
     claims = tuple(_validate(entry, i, path) for i, entry in enumerate(raw["claims"]))
     _check_across(claims, path)

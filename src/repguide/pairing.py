@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from repguide.errors import LayerError
-
-import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["Pair", "PairSpec", "resolve_pairs", "stretch"]
+from repguide._registry import did_you_mean
+from repguide.errors import LayerError
+
+__all__ = ["Pair", "PairSpec", "resolve_pairs", "select_layers", "stretch"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[P
     return [Pair(tl, guide_layers[round(j * step)]) for j, tl in enumerate(target_layers)]
 
 
-def _select(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
+def select_layers(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
     """Layers matching any of the names or glob patterns, in ``available``'s (execution) order."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     chosen = []
@@ -66,8 +66,7 @@ def _select(patterns: str | Sequence[str], available: Sequence[str], role: str) 
 
 
 def _no_match_message(name: str, available: Sequence[str], role: str) -> str:
-    close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
-    hint = f" Closest: {', '.join(close)}." if close else ""
+    hint = did_you_mean(name, available, " Closest: {}.", n=3, cutoff=0.5)
     listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
     return f"no {role} layer matches {name!r}.{hint} Available {role} layers: {listing}"
 
@@ -98,8 +97,8 @@ def resolve_pairs(
             )
         _require_layers(target_layers, guide_layers)
         pairs = stretch(
-            _select(spec.get("target", "*"), target_layers, "target"),
-            _select(spec.get("guide", "*"), guide_layers, "guide"),
+            select_layers(spec.get("target", "*"), target_layers, "target"),
+            select_layers(spec.get("guide", "*"), guide_layers, "guide"),
         )
     else:
         pairs = [_as_pair(item) for item in spec]

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repguide import data as datasets
-from repguide.capture import _first_tensor
+from repguide.capture import first_tensor
 from repguide.config import GuidanceConfig, OptimConfig, RunConfig, TrainConfig
 from repguide.errors import ConfigError, NonFiniteError
-from repguide.guidance import Guidance, _noise_like
+from repguide.guidance import Guidance, noise_like
 
 __all__ = [
     "AlignmentWatch", "Evaluation", "Head", "NonFiniteError", "Schedule", "StepContext", "better", "distillation_loss", "evaluate",
@@ -43,7 +43,7 @@ def pair_column(key: tuple[str, str]) -> str:
 
 def task_loss(output: Any, y: Tensor) -> Tensor:
     """Cross-entropy for classes ``(n, C)`` or tokens ``(n, T, V)`` (targets -100 are ignored)."""
-    logits = _first_tensor(output)
+    logits = first_tensor(output)
     if logits.dim() == y.dim() + 1 and logits.dim() > 2:
         return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits.float(), y)
@@ -51,7 +51,7 @@ def task_loss(output: Any, y: Tensor) -> Tensor:
 
 def distillation_loss(student: Any, teacher: Any, y: Tensor, temperature: float) -> Tensor:
     """Hinton's KD term: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), over predicted positions."""
-    s, t = _first_tensor(student).float(), _first_tensor(teacher).float()
+    s, t = first_tensor(student).float(), first_tensor(teacher).float()
     if s.dim() > 2:
         keep = (y != IGNORE_INDEX).flatten()
         s, t = s.flatten(0, -2)[keep], t.flatten(0, -2)[keep]
@@ -75,7 +75,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, unit: str = "to
     total_nll, total_correct, total_targets = 0.0, 0, 0
     for start in range(0, len(dataset), batch_size):
         *inputs, y = (t.to(device) for t in dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))))
-        logits = _first_tensor(model(*inputs)).float()
+        logits = first_tensor(model(*inputs)).float()
         if logits.dim() > 2:
             logits, y = logits.flatten(0, -2), y.flatten()
         keep = y != IGNORE_INDEX
@@ -209,7 +209,7 @@ def train_step(ctx: StepContext, inputs: list[Tensor], y: Tensor, step: int, ind
             # Each rank draws its own noise: identical shards would shrink the global batch to one shard.
             seed = step_seed(tc.seed, step, 104729, fabric.global_rank)
             generator = torch.Generator(device=inputs[0].device).manual_seed(seed)
-            inputs = [_noise_like(t, generator) for t in inputs]
+            inputs = [noise_like(t, generator) for t in inputs]
         with fabric.autocast():
             out = guidance(*inputs) if index is None else guidance(*inputs, guide_index=index)
         # Guidance switched off (weight 0) runs no guide: the alignment term is absent, not 0.

@@ -5,12 +5,12 @@ from repguide.capture._discovery import (
     DEFAULT_LAYER_TYPES,
     LAYER_RULES,
     LayerInfo,
-    _no_side_effects,
     block_names,
     discover,
     layers,
+    no_side_effects,
 )
-from repguide.capture._hooks import REDUCTIONS, Capture, _batch_size, _first_tensor, reduce
+from repguide.capture._hooks import REDUCTIONS, Capture, first_tensor, input_batch_size, reduce
 from repguide.capture._recurrent import layer_name
 
 __all__ = [
@@ -21,7 +21,10 @@ __all__ = [
     "LayerInfo",
     "block_names",
     "discover",
+    "first_tensor",
+    "input_batch_size",
     "layer_name",
     "layers",
+    "no_side_effects",
     "reduce",
 ]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from repguide.capture._hooks import _CONTAINERS, _batch_size, _first_tensor, _Normaliser
+from repguide.capture._hooks import _CONTAINERS, _Normaliser, first_tensor, input_batch_size
 from repguide.capture._recurrent import is_stacked, layer_by_layer, layer_name
 from repguide.errors import LayerError
 
@@ -142,7 +142,7 @@ def _no_layer_message(model: nn.Module, looked_for: str) -> str:
 
 
 @contextlib.contextmanager
-def _no_side_effects(model: nn.Module) -> Iterator[None]:
+def no_side_effects(model: nn.Module) -> Iterator[None]:
     """Run a probing forward without touching buffers (BatchNorm statistics) or the global RNG."""
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
     # The CUDA generators of the devices the model lives on too: dropout there draws from them.
@@ -174,7 +174,7 @@ def discover(
     even when another axis has the batch size. Layers whose output has no such axis are not
     candidates; a model with no candidate at all is an error that says what to do.
     """
-    n = _batch_size(example_args, example_kwargs, input_batch_axis)
+    n = input_batch_size(example_args, example_kwargs, input_batch_axis)
     chosen, stacked, looked_for = _candidates(model, layers, types)
     order, final = _probe(model, chosen, stacked, example_args, example_kwargs)
     grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
@@ -192,7 +192,7 @@ def discover(
     normalise.batch_size = n
     infos = []
     for name, module, output in order:
-        tensor = _first_tensor(output)
+        tensor = first_tensor(output)
         if tensor is None:
             continue
         try:
@@ -224,12 +224,12 @@ def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tup
     handles = [m.register_forward_hook(lambda m, a, o, name=name: record(name, m, o)) for name, m in chosen]
     by_layer = {m: lambda layer, o, name=name, m=m: record(layer_name(name, layer), m, o) for name, m in stacked}
     try:
-        with _no_side_effects(model), layer_by_layer(by_layer):
+        with no_side_effects(model), layer_by_layer(by_layer):
             output = model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return order, _first_tensor(output)
+    return order, first_tensor(output)
 
 
 def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> tuple[tuple, dict]:
@@ -244,7 +244,7 @@ def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> 
 
 
 def _shape(output: Any) -> tuple[int, ...] | None:
-    tensor = _first_tensor(output)
+    tensor = first_tensor(output)
     return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
 
 

@@ -13,7 +13,6 @@ and otherwise an error asks for ``batch_axes={"layer": axis}``. Nothing is dropp
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from repguide._registry import did_you_mean
 from repguide.capture._recurrent import layer_by_layer, stacked_layer, stacked_layer_names
 from repguide.errors import CaptureError, LayerError
 
@@ -51,7 +51,9 @@ _CHANNELS_FIRST_1D = (
 )
 
 
-def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
+def first_tensor(output: Any) -> Tensor | PackedSequence | None:
+    """The first tensor (or ``PackedSequence``) in ``output``, depth first through sequences and
+    mappings; None if it holds none."""
     if isinstance(output, (Tensor, PackedSequence)):
         return output
     if isinstance(output, Mapping):
@@ -61,7 +63,7 @@ def _first_tensor(output: Any) -> Tensor | PackedSequence | None:
     else:
         return None
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None
@@ -144,8 +146,7 @@ def _module_names(model: nn.Module) -> list[str]:
 
 
 def _unknown_layer_message(name: str, available: Sequence[str], role: str) -> str:
-    close = difflib.get_close_matches(name, list(available), n=3, cutoff=0.5)
-    hint = f" Closest: {', '.join(close)}." if close else ""
+    hint = did_you_mean(name, available, " Closest: {}.", n=3, cutoff=0.5)
     listing = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
     return (
         f"the {role} has no layer named {name!r}.{hint} Its modules: {listing} "
@@ -163,7 +164,7 @@ class _Normaliser:
         self.batch_size = 0
 
     def __call__(self, name: str, module: nn.Module, output: Any) -> Tensor:
-        found = _first_tensor(output)
+        found = first_tensor(output)
         if found is None:
             raise LayerError(
                 f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}, "
@@ -295,8 +296,9 @@ class Capture:
         self._handles = []
 
 
-def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
-    found = _first_tensor(list(args) + list(kwargs.values()))
+def input_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
+    """The batch size of a forward call's inputs: the size along ``axis`` of its first tensor."""
+    found = first_tensor(list(args) + list(kwargs.values()))
     if found is None:
         raise LayerError("the model's inputs hold no tensor, so the batch size is unknown")
     if isinstance(found, PackedSequence):

@@ -8,7 +8,6 @@ applied for the chosen scale. Unknown keys and wrong types are errors that name 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from importlib import resources
@@ -19,6 +18,7 @@ import torch
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from repguide._registry import did_you_mean
 from repguide.config import rules as _rules
 from repguide.errors import ConfigError
 from repguide.runs import check_run_name
@@ -36,6 +36,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "parse_overrides",
+    "parse_yaml",
 ]
 
 SCALES = ("tiny", "small", "paper")
@@ -219,7 +220,9 @@ def list_recipes() -> list[str]:
     )
 
 
-def _parse_yaml(text: str, where: str) -> dict:
+def parse_yaml(text: str, where: str) -> dict:
+    """The mapping a YAML document holds (an empty one: {}); a one-line :class:`ConfigError` naming
+    ``where`` (e.g. ``"recipe mine.yaml"``) and the line when it is not YAML or not a mapping."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -235,16 +238,15 @@ def _parse_yaml(text: str, where: str) -> dict:
 def _read_recipe(ref: str) -> tuple[dict, str]:
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        return _parse_yaml(path.read_text(), f"recipe {path}"), path.stem
+        return parse_yaml(path.read_text(), f"recipe {path}"), path.stem
     shipped = _recipe_dir() / f"{ref}.yaml"
     if not shipped.is_file():
-        close = difflib.get_close_matches(ref, list_recipes(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(ref, list_recipes(), n=3)
         raise ConfigError(
             f"no recipe {ref!r}: give a YAML file path or one of the shipped recipes "
             f"(repguide recipes).{hint}"
         )
-    return _parse_yaml(shipped.read_text(), f"recipe {ref}"), ref
+    return parse_yaml(shipped.read_text(), f"recipe {ref}"), ref
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -352,8 +354,9 @@ def _key_hint(where: str) -> str:
             return ""
         model = field.annotation
     fields = list(getattr(model, "model_fields", {}))
-    close = difflib.get_close_matches(parts[-1], fields, n=1)
-    return f" (did you mean {'.'.join(parts[:-1] + close)!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+    prefix = "".join(f"{part}." for part in parts[:-1])
+    hint = did_you_mean(parts[-1], fields, " (did you mean {}?)", show=lambda field: repr(prefix + field))
+    return hint or f"; valid keys: {', '.join(fields)}"
 
 
 def upgrade(stored: dict | None) -> dict | None:

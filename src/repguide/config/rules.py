@@ -6,7 +6,6 @@ refuse fails before any process starts. Each broken rule is one line naming the 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from repguide import data, models, similarity
-from repguide._registry import Registry
+from repguide._registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
     from repguide.config import DataConfig, ModelConfig, RunConfig
@@ -43,8 +42,7 @@ def _builder_problems(key: str, spec: ModelConfig | DataConfig, registry: Regist
     accepted = entry.accepted_kwargs()
     unknown = sorted(set(spec.kwargs) - accepted)
     if unknown:
-        close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(unknown, accepted)
         return [
             f"{key}.kwargs: {registry.kind} {spec.name!r} has no option {', '.join(map(repr, unknown))}; it accepts "
             f"{', '.join(sorted(accepted))}.{hint}"

@@ -139,7 +139,7 @@ def _root(root: str | os.PathLike | None) -> Path:
 def _read(root: Path) -> dict[str, Tensor]:
     """The four files as tensors (images uint8 ``(n, 28, 28)``, labels int64 ``(n,)``).
 
-    Cached per process because decompressing and checksumming 47 MB takes about half a second;
+    Cached per process because decompressing and checksumming them is slow (docs/data.md says how slow);
     callers index these tensors (which copies) and never modify them in place.
     """
     missing = [name for name in _MD5 if not (root / name).is_file()]

@@ -13,9 +13,7 @@ from repguide.guidance.guide_input import noise_like
 from repguide.guidance.module import Guidance, GuidanceOutput
 from repguide.guidance.schedules import Constant, OffAfter, Weight, WeightSchedule
 
-_noise_like = noise_like  # the name repguide.train imports
-
 __all__ = [
     "Constant", "Guidance", "GuidanceOutput", "GuideFeatureCache", "OffAfter", "PairDiagnostic", "Weight",
-    "WeightSchedule", "diagnose", "variance_shares",
+    "WeightSchedule", "diagnose", "noise_like", "variance_shares",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repguide.capture import Capture, _batch_size, reduce
+from repguide.capture import Capture, input_batch_size, reduce
 from repguide.errors import GuidanceError
 
 __all__ = ["Diagnosable", "PairDiagnostic", "diagnose", "variance_shares"]
@@ -105,7 +105,7 @@ def _activations(model, names, guidance, args, kwargs, role) -> dict[str, tuple[
     was_training = model.training
     model.eval()
     try:
-        n = _batch_size(args, kwargs, guidance.input_batch_axis)
+        n = input_batch_size(args, kwargs, guidance.input_batch_axis)
         with capture.record(n) as acts:
             model(*args, **kwargs)
         capture.check_complete(acts, role)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repguide.capture import Capture, _batch_size, _first_tensor, discover, reduce
+from repguide.capture import Capture, discover, first_tensor, input_batch_size, reduce
 from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
 from repguide.guidance._checks import check_options, set_guide_mode
@@ -242,7 +242,7 @@ class Guidance(Diagnosable, nn.Module):
         if self.guide_input == "same":
             return args, kwargs
         if self.guide_input == "noise":
-            first = _first_tensor(list(args))
+            first = first_tensor(list(args))
             generator = torch.Generator(device=first.device if first is not None else "cpu")
             generator.manual_seed(self.noise_seed + step)
             return tuple(noise_like(a, generator) for a in args), kwargs
@@ -268,7 +268,7 @@ class Guidance(Diagnosable, nn.Module):
             return GuidanceOutput(output, _zero_like_output(output), {}, 0.0)
         if not self._probed:
             self._resolve(args, kwargs)
-        n = _batch_size(args, kwargs, self.input_batch_axis)
+        n = input_batch_size(args, kwargs, self.input_batch_axis)
         # The guide goes first and is reduced at once to what the measure needs (for linear CKA
         # one n×n Gram per layer), so its activations are freed before the target's graph exists.
         guide = self._prepare_guide(args, kwargs, step, n, guide_index)
@@ -307,7 +307,7 @@ class Guidance(Diagnosable, nn.Module):
         """One guide forward; each layer's activation is reduced and sketched (and, if ``prepare``,
         prepared) the moment its layer fires, so the raw activations never pile up."""
         g_args, g_kwargs = self._guide_inputs(args, kwargs, step)
-        n_guide = _batch_size(g_args, g_kwargs, self.input_batch_axis)
+        n_guide = input_batch_size(g_args, g_kwargs, self.input_batch_axis)
         if n_guide != n:
             raise GuidanceError(
                 f"the guide's inputs have batch size {n_guide} but the target's have {n}; "
@@ -361,6 +361,6 @@ class Guidance(Diagnosable, nn.Module):
 
 
 def _zero_like_output(output: Any) -> Tensor:
-    found = _first_tensor(output)
+    found = first_tensor(output)
     device = found.device if found is not None else "cpu"
     return torch.zeros((), device=device)

@@ -17,14 +17,14 @@ Conventions shared by every measure:
   similarity is defined as exactly 0, with zero (finite) gradients. Note this means a layer that has
   collapsed to a constant receives no alignment gradient.
 
-Modules: :mod:`~repguide.similarity.base` (the registry, :class:`Measure`, :class:`Prepared`,
+Modules: :mod:`~repguide.similarity.base` (the registry :data:`MEASURES`, :class:`Measure`, :class:`Prepared`,
 shared numerics), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set),
 :mod:`~repguide.similarity.rsa`, :mod:`~repguide.similarity.procrustes` and
 :mod:`~repguide.similarity.sketching`. A measure is added with :func:`register_measure`.
 """
 
 from repguide.similarity.base import (
-    _MEASURES,  # the registry itself, so that tests can restore it after registering
+    MEASURES,
     Measure,
     Prepared,
     get_measure,
@@ -39,6 +39,7 @@ from repguide.similarity.sketching import sketch
 
 __all__ = [
     "LinearCKA",
+    "MEASURES",
     "Measure",
     "MinibatchCKA",
     "Prepared",

@@ -6,17 +6,19 @@ The conventions every measure follows are in the package docstring (:mod:`repgui
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Callable
 
-from repguide.errors import MeasureError
 import torch
 from torch import Tensor
+
+from repguide._registry import Registry
+from repguide.errors import MeasureError
 
 from repguide.similarity.fused import unit_centred_gram
 
 __all__ = [
+    "MEASURES",
     "Measure",
     "Prepared",
     "get_measure",
@@ -30,7 +32,9 @@ __all__ = [
     "upper_triangle",
 ]
 
-_MEASURES: dict[str, type["Measure"]] = {}
+#: The measures by name: each entry's builder is a :class:`Measure` subclass (or a class with
+#: ``__call__``), built with :func:`get_measure`'s keyword arguments.
+MEASURES: Registry[type["Measure"]] = Registry("similarity measure", error=MeasureError)
 
 
 def register_measure(name: str) -> Callable:
@@ -39,11 +43,9 @@ def register_measure(name: str) -> Callable:
     autocast, after the shape checks."""
 
     def decorator(obj):
-        if name in _MEASURES:
-            raise MeasureError(f"a similarity measure named {name!r} is already registered")
         cls = obj if isinstance(obj, type) else type(name, (_FunctionMeasure,), {"function": staticmethod(obj)})
+        MEASURES.register(name, cls)  # a taken name raises before the class is touched
         cls.name = name
-        _MEASURES[name] = cls
         return obj
 
     return decorator
@@ -51,18 +53,12 @@ def register_measure(name: str) -> Callable:
 
 def list_measures() -> list[str]:
     """Names accepted by :func:`get_measure`."""
-    return sorted(_MEASURES)
+    return MEASURES.list()
 
 
 def get_measure(name: str, **kwargs) -> "Measure":
     """An instance of the measure registered as ``name`` (kwargs go to its constructor)."""
-    if name not in _MEASURES:
-        close = difflib.get_close_matches(name, list(_MEASURES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise MeasureError(
-            f"unknown similarity measure {name!r}; available: {', '.join(list_measures())}.{hint}"
-        )
-    return _MEASURES[name](**kwargs)
+    return MEASURES.get(name).build(**kwargs)
 
 
 def similarity(x: Tensor, y: Tensor, measure: str = "cka", **kwargs) -> Tensor:
