@@ -189,6 +189,16 @@ def test_unknown_data_option_lists_the_options(tmp_path, capsys):
     record("data-option", "unknown data set option", "`data.kwargs.trian_size=100`", err, tmp_path)
 
 
+def test_unknown_initial_state_of_a_recurrent_model_names_the_values(tmp_path, capsys):
+    args = ["run", "copy_rnn_baseline", "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "model.kwargs.initial_state=final"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: ") and "Traceback" not in err
+    assert "initial_state must be one of 'zeros', 'carry', got 'final'" in err
+    assert not RunDir(tmp_path / "runs", "copy_rnn_baseline").has_results()
+    record("initial-state", "unknown initial state of a recurrent model", "`model.kwargs.initial_state=final`", err, tmp_path)
+
+
 def test_guided_mode_without_a_guide_is_an_error(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, "guidance.guide=null")
     assert "guidance.mode='guide' needs guidance.guide (a model name and kwargs)" in err
