@@ -226,6 +226,23 @@ def test_guide_feature_cache_with_augmentation_is_an_error(tmp_path, capsys):
            "`guidance.cache=true data.kwargs.augment=flip`", err, tmp_path)
 
 
+def test_guide_feature_cache_with_resampled_data_is_an_error(tmp_path, capsys):
+    recipe = "copy_rnn_untrained_transformer"
+    args = ["run", recipe, "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "guidance.cache=true", "data.kwargs.resample=true"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: invalid run config:") and "Traceback" not in err
+    assert "guidance.cache=true stores the guide's features" in err and "data.kwargs.resample=true draws new examples" in err
+    assert not (tmp_path / "runs").exists()
+    for one in ({"guidance.cache": True}, {"data.kwargs.resample": True}):  # either alone is fine
+        load_recipe(recipe, "tiny", one)
+    load_recipe("parity_transformer_untrained_rnn", "tiny", {"data.kwargs.resample": True})
+    with pytest.raises(ValueError, match="data.kwargs.resample=true draws new examples"):
+        load_recipe("parity_transformer_untrained_rnn", "tiny", {"data.kwargs.resample": True, "guidance.cache": True})
+    record("cache-resample", "guide-feature cache with training data resampled every epoch",
+           "`guidance.cache=true data.kwargs.resample=true`", err, tmp_path)
+
+
 def test_batch_that_the_processes_cannot_share_is_an_error(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, "train.devices=3")
     assert "train.batch_size=64 must be divisible by the 3 processes (train.devices=3 x train.num_nodes=1)" in err
