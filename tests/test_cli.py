@@ -189,6 +189,16 @@ def test_unknown_data_option_lists_the_options(tmp_path, capsys):
     record("data-option", "unknown data set option", "`data.kwargs.trian_size=100`", err, tmp_path)
 
 
+def test_unknown_initial_state_of_a_recurrent_model_names_the_values(tmp_path, capsys):
+    args = ["run", "copy_rnn_baseline", "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "model.kwargs.initial_state=final"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: ") and "Traceback" not in err
+    assert "initial_state must be one of 'zeros', 'carry', got 'final'" in err
+    assert not RunDir(tmp_path / "runs", "copy_rnn_baseline").has_results()
+    record("initial-state", "unknown initial state of a recurrent model", "`model.kwargs.initial_state=final`", err, tmp_path)
+
+
 def test_guided_mode_without_a_guide_is_an_error(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, "guidance.guide=null")
     assert "guidance.mode='guide' needs guidance.guide (a model name and kwargs)" in err
@@ -214,6 +224,23 @@ def test_guide_feature_cache_with_augmentation_is_an_error(tmp_path, capsys):
     assert "data.kwargs.augment='flip' augments its examples at random" in err
     record("cache-augment", "guide-feature cache with random augmentation",
            "`guidance.cache=true data.kwargs.augment=flip`", err, tmp_path)
+
+
+def test_guide_feature_cache_with_resampled_data_is_an_error(tmp_path, capsys):
+    recipe = "copy_rnn_untrained_transformer"
+    args = ["run", recipe, "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "guidance.cache=true", "data.kwargs.resample=true"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: invalid run config:") and "Traceback" not in err
+    assert "guidance.cache=true stores the guide's features" in err and "data.kwargs.resample=true draws new examples" in err
+    assert not (tmp_path / "runs").exists()
+    for one in ({"guidance.cache": True}, {"data.kwargs.resample": True}):  # either alone is fine
+        load_recipe(recipe, "tiny", one)
+    load_recipe("parity_transformer_untrained_rnn", "tiny", {"data.kwargs.resample": True})
+    with pytest.raises(ValueError, match="data.kwargs.resample=true draws new examples"):
+        load_recipe("parity_transformer_untrained_rnn", "tiny", {"data.kwargs.resample": True, "guidance.cache": True})
+    record("cache-resample", "guide-feature cache with training data resampled every epoch",
+           "`guidance.cache=true data.kwargs.resample=true`", err, tmp_path)
 
 
 def test_batch_that_the_processes_cannot_share_is_an_error(tmp_path, capsys):

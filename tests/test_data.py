@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import subprocess
@@ -326,6 +327,73 @@ def test_parity_seeds_fix_every_split():
     assert not torch.equal(everything(a.train)[0], everything(c.train)[0])
     assert torch.equal(everything(a.test)[0], everything(c.test)[0])
     assert torch.equal(everything(a.val)[0], everything(b.val)[0])
+
+
+# ---------------------------------------------------------------- resampling (copy-paste, parity)
+
+
+def _digest(splits) -> str:
+    h = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        for t in everything(getattr(splits, name)):
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+SYNTHETIC = {
+    "copy_paste": (dict(min_len=3, max_len=9, train_size=300, val_size=50, test_size=50, seed=4, eval_seed=2), "df5d320b4477926e"),
+    "parity": (dict(max_len=12, train_size=300, val_size=50, test_size=50, seed=4, eval_seed=2), "681f4938377d3897"),
+}
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_without_resampling_the_synthetic_splits_are_the_fixed_ones_they_always_were(name):
+    kwargs, digest = SYNTHETIC[name]
+    # The digest was taken of the splits before `resample` existed; epoch 0 of a resampled train split is the same set.
+    assert _digest(data.create(name, **kwargs)) == digest
+    assert _digest(data.create(name, **kwargs, resample=False)) == digest
+    assert _digest(data.create(name, **kwargs, resample=True)) == digest
+    assert not hasattr(data.create(name, **kwargs).train, "set_epoch")
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_resampling_draws_new_training_examples_each_epoch_from_seed_and_epoch(name):
+    kwargs, _ = SYNTHETIC[name]
+    fixed, a, b = data.create(name, **kwargs), data.create(name, **kwargs, resample=True), data.create(name, **kwargs, resample=True)
+    epoch0 = everything(a.train)
+    a.train.set_epoch(1)
+    epoch1 = everything(a.train)
+    assert len(a.train) == len(fixed.train) and all(t.shape == u.shape for t, u in zip(epoch0, epoch1))
+    assert (epoch0[0] != epoch1[0]).any(1).float().mean() > 0.5  # most examples are new
+    a.train.set_epoch(2)
+    assert not torch.equal(everything(a.train)[0], epoch1[0])
+    b.train.set_epoch(2)
+    assert all(torch.equal(t, u) for t, u in zip(everything(a.train), everything(b.train)))  # same seed + epoch
+    a.train.set_epoch(1)
+    assert all(torch.equal(t, u) for t, u in zip(everything(a.train), epoch1))
+    a.train.set_epoch(0)
+    assert all(torch.equal(t, u) for t, u in zip(everything(a.train), everything(fixed.train)))
+    other_seed = data.create(name, **{**kwargs, "seed": 5}, resample=True)
+    other_seed.train.set_epoch(1)
+    assert not torch.equal(everything(other_seed.train)[0], epoch1[0])
+    for split in ("val", "test"):  # fixed, whatever the epoch of train
+        assert all(torch.equal(t, u) for t, u in zip(everything(getattr(a, split)), everything(getattr(fixed, split))))
+        assert not hasattr(getattr(a, split), "set_epoch")
+
+
+def test_resampled_examples_keep_the_task_s_layout_and_labels():
+    splits = data.parity(max_len=12, train_size=500, resample=True, with_index=True)
+    splits.train.set_epoch(3)
+    x, lengths, y = everything(splits.train)
+    assert torch.equal(lengths, (x != data.PARITY_PAD).sum(1))
+    assert torch.equal(y, (x * (x != data.PARITY_PAD)).sum(1) % 2)
+    assert splits.train[7][-1] == 7  # with_index still appends positions
+    copy = small_copy(min_len=3, max_len=9, resample=True)
+    copy.train.set_epoch(1)
+    x, y = everything(copy.train)
+    n = (x < copy.special["pad"]).sum(1)
+    assert (x[torch.arange(len(x)), n] == copy.special["copy"]).all()
+    assert ((y != data.IGNORE_INDEX).sum(1) == n + 1).all()
 
 
 # ---------------------------------------------------------------- Shakespeare

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from repguide import models
+from repguide import data, models
 from repguide.models import create, list_models
 
 VOCAB = 11
@@ -159,7 +159,7 @@ def test_create_passes_keyword_arguments_to_the_factory():
 
 def test_accepted_kwargs_lists_the_factory_knobs():
     assert models.accepted_kwargs("parity_rnn") == {
-        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id"
+        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id", "initial_state"
     }
     assert "num_classes" in models.accepted_kwargs("resnet18")
     with pytest.raises(ValueError, match="Did you mean 'vit'"):
@@ -307,6 +307,116 @@ def test_recurrent_lm_stacks_separate_single_layer_tanh_rnns():
 def test_unknown_cell_raises():
     with pytest.raises(ValueError, match="cell must be one of"):
         models.rnn_lm(VOCAB, cell="elman")
+
+
+def _reference_stack(model: nn.Module, x: Tensor, cell: str, carry: bool) -> tuple[Tensor, list]:
+    """The top layer's outputs and each layer's initial state, from a loop of nn.*Cell steps holding
+    the model's weights: layer k+1 starts from layer k's final state when ``carry``, else from zeros."""
+    cells = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
+    h_seq = model.embed(x)
+    n, hidden = x.shape[0], model.layers[0].hidden_size
+    zeros = torch.zeros(n, hidden, dtype=h_seq.dtype)
+    state = (zeros, zeros) if cell == "lstm" else zeros
+    starts = []
+    for layer in model.layers:
+        step = cells[cell](layer.input_size, hidden).to(h_seq.dtype)
+        step.load_state_dict({k.removesuffix("_l0"): v for k, v in layer.state_dict().items()})
+        if not carry:
+            state = (zeros, zeros) if cell == "lstm" else zeros
+        starts.append(state)
+        outputs = []
+        for t in range(x.shape[1]):
+            state = step(h_seq[:, t], state)
+            outputs.append(state[0] if cell == "lstm" else state)
+        h_seq = torch.stack(outputs, 1)
+    return h_seq, starts
+
+
+RECURRENT_LMS = {"rnn": models.rnn_lm, "lstm": models.lstm_lm, "gru": models.gru_lm}
+
+
+@pytest.mark.parametrize("cell", RECURRENT_LMS)
+def test_default_initial_state_is_zeros_for_every_layer(cell):
+    torch.manual_seed(0)
+    default = RECURRENT_LMS[cell](VOCAB, embed_dim=8, hidden_dim=12, num_layers=3).double().eval()
+    torch.manual_seed(0)
+    zeros = RECURRENT_LMS[cell](VOCAB, embed_dim=8, hidden_dim=12, num_layers=3, initial_state="zeros").double().eval()
+    assert default.initial_state == "zeros"
+    x = torch.randint(0, VOCAB, (4, 9))
+    with torch.no_grad():
+        out = default(x)
+        assert torch.equal(out, zeros(x))
+        reference, _ = _reference_stack(default, x, cell, carry=False)
+        # Bitwise what the model computed before initial_state existed: each layer called without a state.
+        h = default.embed(x)
+        for layer in default.layers:
+            h, _ = layer(h)
+        assert torch.equal(out, default.head(h))
+    assert torch.allclose(out, default.head(reference), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cell", RECURRENT_LMS)
+def test_carried_initial_state_starts_each_layer_from_the_one_below_s_final_state(cell):
+    torch.manual_seed(0)
+    model = RECURRENT_LMS[cell](VOCAB, embed_dim=8, hidden_dim=12, num_layers=3, initial_state="carry")
+    model = model.double().eval()
+    x = torch.randint(0, VOCAB, (4, 9))
+    seen: dict[str, object] = {}
+    model.layers[0].register_forward_hook(lambda m, args, out: seen.update(final0=out[1]))  # None: output kept
+    model.layers[1].register_forward_pre_hook(lambda m, args: seen.update(start1=args[1]))
+    with torch.no_grad():
+        out = model(x)
+        reference, starts = _reference_stack(model, x, cell, carry=True)
+    assert torch.allclose(out, model.head(reference), atol=1e-10, rtol=0)
+    final0, start1 = seen["final0"], seen["start1"]
+    pairs = zip(final0, start1) if cell == "lstm" else [(final0, start1)]  # (h, c) for an LSTM
+    for final, start in pairs:
+        assert torch.equal(final, start)
+    # The reference's own layer-1 start is layer 0's last step, and it is not zero.
+    ref_h1 = starts[1][0] if cell == "lstm" else starts[1]
+    assert torch.allclose(start1[0][0] if cell == "lstm" else start1[0], ref_h1, atol=1e-10, rtol=0)
+    assert ref_h1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell", RECURRENT_LMS)
+def test_carried_state_leaks_later_tokens_into_position_0_and_zeros_do_not(cell):
+    for initial_state, leaks in (("carry", True), ("zeros", False)):
+        torch.manual_seed(0)
+        model = RECURRENT_LMS[cell](VOCAB, embed_dim=8, hidden_dim=12, num_layers=2, initial_state=initial_state)
+        out, out_changed = _future_token_changes(model, VOCAB, 9)
+        moved = not torch.allclose(out[:, 0], out_changed[:, 0], atol=1e-6, rtol=0)
+        assert moved == leaks, initial_state
+
+
+@pytest.mark.parametrize("name", ["rnn_lm", "lstm_lm", "gru_lm", "copy_rnn", "parity_rnn"])
+def test_every_recurrent_builder_takes_initial_state_and_calls_each_layer_once(name):
+    case = _tiny(name)
+    model = create(name, **case.kwargs, num_layers=3, initial_state="carry")
+    assert model.initial_state == "carry"
+    calls = {k: 0 for k in range(3)}
+    for k, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    args, kwargs = case.inputs(2)
+    model(*args, **kwargs)
+    assert calls == {0: 1, 1: 1, 2: 1}
+
+
+def test_an_unknown_initial_state_names_the_option_and_its_values():
+    from repguide.errors import ModelError
+
+    for name in ("rnn_lm", "lstm_lm", "gru_lm", "copy_rnn", "parity_rnn"):
+        with pytest.raises(ModelError, match="initial_state must be one of 'zeros', 'carry', got 'final'"):
+            create(name, **_tiny(name).kwargs, initial_state="final")
+
+
+def test_a_recipe_sets_initial_state_through_model_kwargs():
+    from repguide.build import build_model
+    from repguide.config import load_recipe
+
+    config = load_recipe("copy_rnn_baseline", "tiny", {"model.kwargs.initial_state": "carry"})
+    splits = data.create(config.data.name, **config.data.kwargs)
+    assert build_model(config.model, splits, 0).initial_state == "carry"
+    assert build_model(load_recipe("copy_rnn_baseline", "tiny").model, splits, 0).initial_state == "zeros"
 
 
 def test_transformer_lm_rejects_sequences_longer_than_max_len():

@@ -25,6 +25,7 @@ import repguide.train
 
 from repguide.similarity import base as similarity  # the module that holds the registry
 from repguide.cli import main
+from repguide.config import load_recipe
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.errors import RepguideError
 from repguide.runs import CheckpointError, RunDir, RunDirError, atomic_save
@@ -237,6 +238,39 @@ def test_truncated_last_checkpoint_warns_naming_it_and_resumes_from_prev_to_the_
     assert f"warning: checkpoint {last} is unreadable" in out
     assert "falling back to the previous checkpoint" in out
     assert_same_run(folder, reference)  # steps 11 and 12 were taken again, exactly
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_resampled_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """data.kwargs.resample=true: 4 steps per epoch, 3 epochs, checkpoints at steps 3, 4, 6, 8, 9;
+    the run stops before step 11, so the resume starts inside epoch 2 from the checkpoint of step 9
+    and must draw epoch 2's examples again, not epoch 0's."""
+    overrides = {"data.kwargs.resample": True, "data.kwargs.train_size": 128, "train.max_steps": None,
+                 "train.epochs": 3, "train.checkpoint_every": 3, "train.log_every": 1}
+    config = load_recipe("copy_rnn_baseline", "tiny", overrides)
+    repguide.train.train(config, tmp_path / "whole", quiet=True)
+    real_step = repguide.train.train_step
+
+    def interrupted(ctx, inputs, y, step, **kwargs):
+        if step == 10:
+            raise _Interrupted
+        return real_step(ctx, inputs, y, step, **kwargs)
+
+    monkeypatch.setattr(repguide.train, "train_step", interrupted)
+    with pytest.raises(_Interrupted):
+        repguide.train.train(config, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(repguide.train, "train_step", real_step)
+    assert torch.load(tmp_path / "cut" / config.name / "last.ckpt", weights_only=True)["step"] == 9
+    repguide.train.train(config, tmp_path / "cut", resume=True, quiet=True)
+    assert_same_run(tmp_path / "cut" / config.name, tmp_path / "whole" / config.name)
+    # The switch reached the data: a run on the fixed split ends elsewhere.
+    fixed = load_recipe("copy_rnn_baseline", "tiny", {**overrides, "data.kwargs.resample": False})
+    repguide.train.train(fixed, tmp_path / "fixed", quiet=True)
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "fixed" / config.name / "final.pt", tmp_path / "whole" / config.name / "final.pt")
 
 
 class _TouchOnUnpickle:

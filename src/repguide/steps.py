@@ -168,15 +168,23 @@ class Schedule:
         task_done = done - self.init_steps
         return task_done > 0 and (task_done % self.steps_per_epoch == 0 or done == self.total_steps)
 
-    def batch(self, step: int) -> tuple[tuple[Tensor, ...], Tensor]:
-        """This process's share of step ``step``'s batch (on the CPU) and its example positions in
-        the training set. The init phase runs through the data from its start, as training does."""
+    def seek(self, step: int) -> int:
+        """Put the training set and the data order in step ``step``'s epoch; returns the step's
+        position in it. The init phase runs through the data from its start, as training does."""
         epoch, k = divmod(step if step < self.init_steps else step - self.init_steps, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(epoch)  # augmentation is a function of (seed, epoch, example)
+                # Augmentation is a function of (seed, epoch, example), resampled data
+                # (data.kwargs.resample) of (seed, epoch): a resumed run sees what an uninterrupted one did.
+                self.train_set.set_epoch(epoch)
             generator = torch.Generator().manual_seed(step_seed(self.seed, epoch))
             self._order = epoch, torch.randperm(len(self.train_set), generator=generator)
+        return k
+
+    def batch(self, step: int) -> tuple[tuple[Tensor, ...], Tensor]:
+        """This process's share of step ``step``'s batch (on the CPU) and its example positions in
+        the training set (see :meth:`seek`)."""
+        k = self.seek(step)
         shard = self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
         idx = shard[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
         return self.train_set.batch(idx), idx

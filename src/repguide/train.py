@@ -344,6 +344,8 @@ def _finish(t: _Training) -> dict:
     def evaluated(dataset) -> Evaluation:
         return evaluate(ctx.model, dataset, tc.eval_batch_size, ctx.fabric.device, config.data.perplexity_unit)
 
+    if t.step:  # train metrics on the last step's epoch (augmented or resampled data), resumed or not
+        t.schedule.seek(t.step - 1)
     val, test, train_eval = evaluated(splits.val), evaluated(splits.test), evaluated(Head(splits.train, len(splits.val)))
     summary = {
         "name": config.name, "status": "finished", "scale": config.scale, "steps": t.step,

@@ -116,8 +116,8 @@ class GuidanceConfig(_Strict):
     guide_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 operands for the guide's Grams
     sketch_dim: Annotated[Optional[int], _at_least(1, null="for no sketch")] = None  # CountSketch activations wider than this before the Gram
     # Keep the guide's (reduced, sketched) features of every training example after its first
-    # visit and read them back instead of running the guide; needs guide_input=same and no
-    # random augmentation. Memory: training examples × Σ compared guide widths × 4 bytes.
+    # visit and read them back instead of running the guide; needs guide_input=same, no random
+    # augmentation and no data.kwargs.resample. Memory: training examples × Σ compared guide widths × 4 bytes.
     cache: bool = False
 
     @model_validator(mode="before")

@@ -133,6 +133,11 @@ def _guidance_problems(config: RunConfig) -> list[str]:
             f"guidance.cache=true needs the guide to see the same input for an example every epoch, but "
             f"data.kwargs.augment={augment!r} augments its examples at random; turn the augmentation off or the cache off"
         )
+    if gc.cache and _data_kwargs(config.data).get("resample") is True:
+        problems.append(
+            "guidance.cache=true stores the guide's features of each training example by its position, but "
+            "data.kwargs.resample=true draws new examples at every position each epoch; turn the resampling off or the cache off"
+        )
     return problems
 
 

@@ -66,6 +66,30 @@ class TensorExamples(Dataset):
         return tuple(t[idx] for t in self.tensors)
 
 
+class ResampledExamples(TensorExamples):
+    """A training split drawn afresh every epoch (the official code's copy-paste and parity data drew a
+    new sample on every access): :meth:`set_epoch` replaces the tensors by ``draw(g)``'s, where ``g``
+    is ``generator(seed, *keys)`` for epoch 0, the fixed split the data set has without resampling,
+    and ``generator(seed, *keys, "epoch", e)`` for epoch e ≥ 1. So epoch e's examples are a function of
+    (seed, split, e) alone: the same in a resumed run as in an uninterrupted one, and on every process.
+    Position i holds a different example in each epoch, so nothing may be cached by position (the
+    guide-feature cache is refused with it). ``draw(g)`` returns the split's tensors.
+    """
+
+    def __init__(
+        self, draw: Callable[[torch.Generator], tuple[Tensor, ...]], seed: int, *keys: str, with_index: bool = False
+    ) -> None:
+        super().__init__(*draw(generator(seed, *keys)), with_index=with_index)
+        self._draw, self._keys = draw, (seed, *keys)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Hold epoch ``epoch``'s examples (drawn again only when it differs from the current one)."""
+        if epoch != self.epoch:
+            self.tensors = self._draw(generator(*self._keys, *(("epoch", epoch) if epoch else ())))
+            self.epoch = epoch
+
+
 def generator(seed: int, *keys: str | int) -> torch.Generator:
     """A torch Generator seeded from ``seed`` and ``keys`` (e.g. the split's name).
 

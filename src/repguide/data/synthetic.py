@@ -4,7 +4,9 @@ The official code re-sampled these on every access without seeding its workers, 
 changed every epoch and run (paper §4.2 L10), and it used 0 both as a blank and as a real symbol
 (L7). Here every split is a fixed tensor: train is drawn with ``seed``, val and test with
 ``eval_seed``, each from its own derived stream, so runs with different ``seed`` are scored on the
-same examples. Special tokens never collide with real symbols.
+same examples. Special tokens never collide with real symbols. ``resample=True`` is the official
+behaviour for the training split only, made reproducible: a fresh sample every epoch, drawn from
+(``seed``, epoch) (:class:`~repguide.data._common.ResampledExamples`); val and test stay fixed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from repguide.errors import DataError
 import torch
 from torch import Tensor
 
-from repguide.data._common import Splits, TensorExamples, generator, register
+from repguide.data._common import ResampledExamples, Splits, TensorExamples, generator, register
 
 __all__ = ["IGNORE_INDEX", "PARITY_PAD", "copy_paste", "copy_paste_positions", "copy_paste_tokens", "parity", "token_accuracy"]
 
@@ -68,6 +70,7 @@ def copy_paste(
     seed: int = 0,
     eval_seed: int = 0,
     with_index: bool = False,
+    resample: bool = False,
 ) -> Splits:
     """Copy-paste: read a sequence, then write it back. Items are ``(x: (T,), y: (T,))`` int64, T = 2·max_len + 2.
 
@@ -76,7 +79,9 @@ def copy_paste(
     (ignore = -100). The model predicts ``y[t]`` at position t (no shift); the loss is
     ``F.cross_entropy(logits.transpose(1, 2), y)`` and the metric :func:`token_accuracy`, both over the
     L + 1 non-ignored positions (the copy and its EOS). Defaults are the paper's (100k examples,
-    80/20 train/val plus a test set the size of val).
+    80/20 train/val plus a test set the size of val). ``resample=True``: the training split draws
+    ``train_size`` new examples every epoch (``splits.train.set_epoch(e)``; epoch 0 is the fixed
+    split of ``resample=False``), as the official code re-sampled on every access.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -84,13 +89,17 @@ def copy_paste(
         raise DataError(f"num_symbols must be at least 2, got {num_symbols}")
     tok = copy_paste_tokens(num_symbols)
 
-    def split(size: int, split_seed: int, name: str) -> TensorExamples:
-        g = generator(split_seed, "copy_paste", name)
-        return TensorExamples(*_copy_paste_examples(size, num_symbols, min_len, max_len, g), with_index=with_index)
+    def split(size: int, split_seed: int, name: str, fresh: bool = False) -> TensorExamples:
+        def draw(g: torch.Generator) -> tuple[Tensor, Tensor]:
+            return _copy_paste_examples(size, num_symbols, min_len, max_len, g)
+
+        if fresh:
+            return ResampledExamples(draw, split_seed, "copy_paste", name, with_index=with_index)
+        return TensorExamples(*draw(generator(split_seed, "copy_paste", name)), with_index=with_index)
 
     vocab = num_symbols + len(tok)
     return Splits(
-        train=split(train_size, seed, "train"),
+        train=split(train_size, seed, "train", resample),
         val=split(val_size, eval_seed, "val"),
         test=split(test_size, eval_seed, "test"),
         num_classes=vocab,
@@ -126,6 +135,7 @@ def parity(
     seed: int = 0,
     eval_seed: int = 0,
     with_index: bool = False,
+    resample: bool = False,
 ) -> Splits:
     """Parity of bit strings. Items are ``(x: (max_len,), length: (), y: ())``, all int64.
 
@@ -133,22 +143,25 @@ def parity(
     number of ones mod 2. Batches unpack as ``x, lengths, y``: call ``model(x, lengths)`` (lengths stay
     on the CPU for ``pack_padded_sequence``) and score 2 logits with ``F.cross_entropy``. Defaults
     are the paper's (lengths 2..50, 100k examples split 80/10/10). Short strings repeat across splits:
-    there are only 4 strings of length 2.
+    there are only 4 strings of length 2. ``resample=True``: the training split draws new strings
+    every epoch, as in :func:`copy_paste`.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
 
-    def split(size: int, split_seed: int, name: str) -> TensorExamples:
-        g = generator(split_seed, "parity", name)
-        lengths = torch.randint(min_len, max_len + 1, (size,), generator=g)
-        bits = torch.randint(2, (size, max_len), generator=g)
-        valid = torch.arange(max_len) < lengths[:, None]
-        x = torch.where(valid, bits, PARITY_PAD)
-        y = (bits * valid).sum(1) % 2
-        return TensorExamples(x, lengths, y, with_index=with_index)
+    def split(size: int, split_seed: int, name: str, fresh: bool = False) -> TensorExamples:
+        def draw(g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+            lengths = torch.randint(min_len, max_len + 1, (size,), generator=g)
+            bits = torch.randint(2, (size, max_len), generator=g)
+            valid = torch.arange(max_len) < lengths[:, None]
+            return torch.where(valid, bits, PARITY_PAD), lengths, (bits * valid).sum(1) % 2
+
+        if fresh:
+            return ResampledExamples(draw, split_seed, "parity", name, with_index=with_index)
+        return TensorExamples(*draw(generator(split_seed, "parity", name)), with_index=with_index)
 
     return Splits(
-        train=split(train_size, seed, "train"),
+        train=split(train_size, seed, "train", resample),
         val=split(val_size, eval_seed, "val"),
         test=split(test_size, eval_seed, "test"),
         num_classes=2,

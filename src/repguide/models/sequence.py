@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 _CELLS = {"rnn": partial(nn.RNN, nonlinearity="tanh"), "lstm": nn.LSTM, "gru": nn.GRU}
+# Where each layer's recurrence starts: "zeros" (every layer from a zero state) or "carry" (layer
+# k+1 from layer k's final state, as the official code did; see _RecurrentNet).
+INITIAL_STATES = ("zeros", "carry")
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,7 +38,15 @@ _CELLS = {"rnn": partial(nn.RNN, nonlinearity="tanh"), "lstm": nn.LSTM, "gru": n
 
 
 class _RecurrentNet(nn.Module):
-    """``embed``, single-layer RNN/LSTM/GRU modules ``layers.0``, ``layers.1``, …, then ``head``."""
+    """``embed``, single-layer RNN/LSTM/GRU modules ``layers.0``, ``layers.1``, …, then ``head``.
+
+    ``initial_state="zeros"`` (default) starts every layer from a zero state, so the network is
+    causal. ``"carry"`` is the official code's switch: layer 0 starts from zeros and layer k+1 from
+    layer k's *final* state (h, and c too for an LSTM), the state after the whole sequence, so every
+    position of the layers above the first sees every token, future ones included (and, in a padded
+    parity batch, the padding after a string's end). Each layer is still one module called once
+    per forward.
+    """
 
     def __init__(
         self,
@@ -47,10 +58,16 @@ class _RecurrentNet(nn.Module):
         cell: str,
         out_features: int,
         padding_idx: int | None = None,
+        initial_state: str = "zeros",
     ) -> None:
         super().__init__()
         if cell not in _CELLS:
             raise ModelError(f"cell must be one of {sorted(_CELLS)}, got {cell!r}")
+        if initial_state not in INITIAL_STATES:
+            raise ModelError(
+                f"initial_state must be one of {', '.join(map(repr, INITIAL_STATES))}, got {initial_state!r}"
+            )
+        self.initial_state = initial_state
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
         # Separate single-layer modules, not one multi-layer nn.RNN, so each layer has its own
         # name for hooks.
@@ -64,11 +81,14 @@ class _RecurrentNet(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """``x: (n, T)`` tokens → top layer's outputs ``(n, T, hidden_dim)``."""
         h = self.embed(x)
+        state = None
         for layer in self.layers:
-            # No initial state is passed, so every layer starts from zeros. The official code
-            # started layer i+1 from layer i's final state, a summary of the whole sequence,
-            # which leaks future tokens into every position.
-            h, _ = layer(h)
+            # With "zeros" no initial state is passed, so every layer starts from zeros. The
+            # official code ("carry") started layer i+1 from layer i's final state, a summary of
+            # the whole sequence, which leaks future tokens into every position.
+            h, final = layer(h) if state is None else layer(h, state)
+            if self.initial_state == "carry":
+                state = final
             # Functional, not a module: one Dropout module called after every layer would fire
             # its forward hooks once per layer.
             h = F.dropout(h, self.dropout, self.training)
@@ -86,8 +106,11 @@ class RecurrentLM(_RecurrentNet):
         num_layers: int = 2,
         dropout: float = 0.0,
         cell: str = "rnn",
+        initial_state: str = "zeros",
     ) -> None:
-        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, vocab_size)
+        super().__init__(
+            vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, vocab_size, initial_state=initial_state
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -111,8 +134,10 @@ def check_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
 class ParityRNN(_RecurrentNet):
     """Sequence classifier: ``(n, T)`` padded tokens, ``lengths: (n,)`` → ``(n, 2)`` logits.
 
-    Reads the top layer's state at each sequence's last valid position. The layers are causal,
-    so that state never sees the padding after it; no packing is needed.
+    Reads the top layer's state at each sequence's last valid position. With the default
+    ``initial_state="zeros"`` the layers are causal, so that state never sees the padding after it;
+    no packing is needed. (With ``"carry"`` the layers above the first start from a state that has
+    run through the padding.)
     """
 
     def __init__(
@@ -124,8 +149,9 @@ class ParityRNN(_RecurrentNet):
         dropout: float = 0.0,
         cell: str = "rnn",
         pad_id: int = 2,
+        initial_state: str = "zeros",
     ) -> None:
-        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, 2, pad_id)
+        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, 2, pad_id, initial_state)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         lengths = check_lengths(x, lengths)
@@ -141,9 +167,14 @@ def rnn_lm(
     num_layers: int = 2,
     dropout: float = 0.0,
     cell: str = "rnn",
+    initial_state: str = "zeros",
 ) -> RecurrentLM:
-    """Stacked recurrent LM; ``cell`` is ``"rnn"`` (tanh), ``"lstm"`` or ``"gru"``."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell)
+    """Stacked recurrent LM; ``cell`` is ``"rnn"`` (tanh), ``"lstm"`` or ``"gru"``.
+
+    ``initial_state``: ``"zeros"`` (every layer starts from zeros; causal) or ``"carry"`` (layer
+    k+1 starts from layer k's final state, the official code's leak of future tokens).
+    """
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state)
 
 
 @register("lstm_lm")
@@ -153,9 +184,10 @@ def lstm_lm(
     hidden_dim: int = 256,
     num_layers: int = 2,
     dropout: float = 0.0,
+    initial_state: str = "zeros",
 ) -> RecurrentLM:
     """:func:`rnn_lm` with LSTM layers."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "lstm")
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "lstm", initial_state)
 
 
 @register("gru_lm")
@@ -165,9 +197,10 @@ def gru_lm(
     hidden_dim: int = 256,
     num_layers: int = 2,
     dropout: float = 0.0,
+    initial_state: str = "zeros",
 ) -> RecurrentLM:
     """:func:`rnn_lm` with GRU layers."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "gru")
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "gru", initial_state)
 
 
 @register("copy_rnn")
@@ -178,9 +211,11 @@ def copy_rnn(
     num_layers: int = 2,
     dropout: float = 0.0,
     cell: str = "rnn",
+    initial_state: str = "zeros",
 ) -> RecurrentLM:
-    """:func:`rnn_lm` at copy-paste size: the paper's RNN target on copy-paste."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell)
+    """:func:`rnn_lm` at copy-paste size: the paper's RNN target on copy-paste (``initial_state``
+    as there; ``"carry"`` is the official RNN's)."""
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state)
 
 
 @register("parity_rnn")
@@ -192,6 +227,9 @@ def parity_rnn(
     dropout: float = 0.0,
     cell: str = "rnn",
     pad_id: int = 2,
+    initial_state: str = "zeros",
 ) -> ParityRNN:
-    """The paper's parity RNN (the guide on parity): bits 0/1 and ``pad_id``, → 2 logits."""
-    return ParityRNN(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, pad_id)
+    """The paper's parity RNN (the guide on parity): bits 0/1 and ``pad_id``, → 2 logits.
+    ``initial_state`` as in :func:`rnn_lm`. (The official parity RNN was one multi-layer ``nn.RNN``,
+    whose layers all start from zeros; ``"carry"`` is the official *stacked* RNNs' behaviour.)"""
+    return ParityRNN(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, pad_id, initial_state)
