@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 import repguide.data as data
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.data.text import strip_gutenberg
+from repguide.errors import DataError
 
 FMNIST_FILES = [
     "train-images-idx3-ubyte.gz",
@@ -326,6 +327,20 @@ def test_parity_seeds_fix_every_split():
     assert not torch.equal(everything(a.train)[0], everything(c.train)[0])
     assert torch.equal(everything(a.test)[0], everything(c.test)[0])
     assert torch.equal(everything(a.val)[0], everything(b.val)[0])
+
+
+def test_the_synthetic_tasks_declare_each_examples_length():
+    parity = data.parity(train_size=300, val_size=50, test_size=50)
+    copy = small_copy(min_len=3, max_len=9)
+    for split in ("train", "val", "test"):
+        x, lengths, _ = everything(getattr(parity, split))
+        assert torch.equal(getattr(parity, split).lengths, lengths)
+        x, y = everything(getattr(copy, split))  # L: the copy token's position, L + 1 scored targets
+        assert torch.equal(getattr(copy, split).lengths, (x == copy.special["copy"]).int().argmax(1))
+        assert torch.equal(getattr(copy, split).lengths + 1, (y != data.IGNORE_INDEX).sum(1))
+    assert data.TensorExamples(torch.zeros(4, 2), torch.zeros(4)).lengths is None  # no length by default
+    with pytest.raises(DataError, match="one per example"):
+        data.TensorExamples(torch.zeros(4, 2), torch.zeros(4), lengths=torch.zeros(3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- Shakespeare

@@ -39,14 +39,19 @@ class TensorExamples(Dataset):
     ``__getitems__`` gathers a whole batch with one indexing operation per tensor, so a DataLoader over
     it costs about as much as slicing tensors. With ``with_index=True`` each item ends with its
     position ``i`` in this dataset (a 0-dim int64 tensor), e.g. to look up cached guide features.
+    ``lengths``: where examples have a length (a string's, a sequence's), each one's, ``(n,)`` int64;
+    evaluation then also reports the metric at each length. None where examples have no length.
     """
 
-    def __init__(self, *tensors: Tensor, with_index: bool = False) -> None:
+    def __init__(self, *tensors: Tensor, with_index: bool = False, lengths: Tensor | None = None) -> None:
         sizes = {len(t) for t in tensors}
         if len(sizes) != 1:
             raise DataError(f"tensors must share their first axis, got lengths {sorted(sizes)}")
+        if lengths is not None and lengths.shape != (len(tensors[0]),):
+            raise DataError(f"lengths must be ({len(tensors[0])},), one per example, got {tuple(lengths.shape)}")
         self.tensors = tensors
         self.with_index = with_index
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.tensors[0])

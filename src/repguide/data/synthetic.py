@@ -28,8 +28,8 @@ def copy_paste_tokens(num_symbols: int = 10) -> dict[str, int]:
 
 def _copy_paste_examples(
     n: int, num_symbols: int, min_len: int, max_len: int, g: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``n`` examples as inputs and targets, both ``(n, 2 * max_len + 2)`` int64."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` examples as inputs and targets, both ``(n, 2 * max_len + 2)`` int64, and their lengths ``(n,)``."""
     tok = copy_paste_tokens(num_symbols)
     lengths = torch.randint(min_len, max_len + 1, (n, 1), generator=g)
     symbols = torch.randint(num_symbols, (n, max_len), generator=g)
@@ -47,7 +47,7 @@ def _copy_paste_examples(
     y = torch.full_like(src, IGNORE_INDEX)
     y = torch.where(blank, src, y)
     y = torch.where(is_eos, tok["eos"], y)
-    return x, y
+    return x, y, lengths[:, 0]
 
 
 def copy_paste_positions(x: Tensor, y: Tensor, num_symbols: int = 10, **_: object) -> dict[str, Tensor]:
@@ -76,7 +76,7 @@ def copy_paste(
     (ignore = -100). The model predicts ``y[t]`` at position t (no shift); the loss is
     ``F.cross_entropy(logits.transpose(1, 2), y)`` and the metric :func:`token_accuracy`, both over the
     L + 1 non-ignored positions (the copy and its EOS). Defaults are the paper's (100k examples,
-    80/20 train/val plus a test set the size of val).
+    80/20 train/val plus a test set the size of val). Each split's ``lengths`` holds every example's L.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -86,7 +86,8 @@ def copy_paste(
 
     def split(size: int, split_seed: int, name: str) -> TensorExamples:
         g = generator(split_seed, "copy_paste", name)
-        return TensorExamples(*_copy_paste_examples(size, num_symbols, min_len, max_len, g), with_index=with_index)
+        x, y, lengths = _copy_paste_examples(size, num_symbols, min_len, max_len, g)
+        return TensorExamples(x, y, with_index=with_index, lengths=lengths)
 
     vocab = num_symbols + len(tok)
     return Splits(
@@ -133,7 +134,7 @@ def parity(
     number of ones mod 2. Batches unpack as ``x, lengths, y``: call ``model(x, lengths)`` (lengths stay
     on the CPU for ``pack_padded_sequence``) and score 2 logits with ``F.cross_entropy``. Defaults
     are the paper's (lengths 2..50, 100k examples split 80/10/10). Short strings repeat across splits:
-    there are only 4 strings of length 2.
+    there are only 4 strings of length 2. Each split's ``lengths`` holds every example's L.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -145,7 +146,7 @@ def parity(
         valid = torch.arange(max_len) < lengths[:, None]
         x = torch.where(valid, bits, PARITY_PAD)
         y = (bits * valid).sum(1) % 2
-        return TensorExamples(x, lengths, y, with_index=with_index)
+        return TensorExamples(x, lengths, y, with_index=with_index, lengths=lengths)
 
     return Splits(
         train=split(train_size, seed, "train"),
