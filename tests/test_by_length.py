@@ -18,6 +18,7 @@ from repguide.config import load_recipe
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.errors import ArgumentError
 from repguide.report import mean_accuracy_by_length, update_plots
+from repguide.runs import OWN_FILES
 from repguide.steps import evaluate
 from repguide.train import train
 
@@ -77,6 +78,7 @@ def test_the_length_plot_is_drawn_with_the_other_plots(parity_run):
     png = (run / "length_accuracy.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 1000
     assert update_plots(run) == []  # up to date with the summary: not drawn again
+    assert {f.name for f in run.iterdir()} <= OWN_FILES  # --overwrite removes the plot with the rest
 
 
 def test_mean_accuracy_by_length_averages_runs_each_counting_once(tmp_path, parity_run):
