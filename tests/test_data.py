@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 import repguide.data as data
 from repguide.data.images import DEFAULT_ROOT, ENV_VAR, INSTALL_COMMAND
 from repguide.data.text import strip_gutenberg
+from repguide.errors import DataError
 
 FMNIST_FILES = [
     "train-images-idx3-ubyte.gz",
@@ -300,7 +301,7 @@ def test_parity_items_are_padded_bits_length_and_label():
     x, lengths, y = everything(splits.train)
     assert x.shape == (2000, 50) and lengths.shape == y.shape == (2000,)
     assert x.dtype == lengths.dtype == y.dtype == torch.int64
-    assert torch.equal(lengths, (x != data.PARITY_PAD).sum(1))
+    assert torch.equal(lengths, (x != data.PARITY_PAD).sum(1)) and torch.equal(splits.train.lengths, lengths)
     assert ((x == data.PARITY_PAD) == (torch.arange(50) >= lengths[:, None])).all()
     assert torch.equal(y, (x * (x != data.PARITY_PAD)).sum(1) % 2)
     assert lengths.min() == 2 and lengths.max() == 50
@@ -385,7 +386,7 @@ def test_resampled_examples_keep_the_task_s_layout_and_labels():
     splits = data.parity(max_len=12, train_size=500, resample=True, with_index=True)
     splits.train.set_epoch(3)
     x, lengths, y = everything(splits.train)
-    assert torch.equal(lengths, (x != data.PARITY_PAD).sum(1))
+    assert torch.equal(lengths, (x != data.PARITY_PAD).sum(1)) and torch.equal(splits.train.lengths, lengths)
     assert torch.equal(y, (x * (x != data.PARITY_PAD)).sum(1) % 2)
     assert splits.train[7][-1] == 7  # with_index still appends positions
     copy = small_copy(min_len=3, max_len=9, resample=True)
@@ -394,6 +395,21 @@ def test_resampled_examples_keep_the_task_s_layout_and_labels():
     n = (x < copy.special["pad"]).sum(1)
     assert (x[torch.arange(len(x)), n] == copy.special["copy"]).all()
     assert ((y != data.IGNORE_INDEX).sum(1) == n + 1).all()
+    assert torch.equal(copy.train.lengths, n)  # a resampled epoch carries its own lengths
+
+
+def test_the_synthetic_tasks_declare_each_examples_length():
+    parity = data.parity(train_size=300, val_size=50, test_size=50)
+    copy = small_copy(min_len=3, max_len=9)
+    for split in ("train", "val", "test"):
+        x, lengths, _ = everything(getattr(parity, split))
+        assert torch.equal(getattr(parity, split).lengths, lengths)
+        x, y = everything(getattr(copy, split))  # L: the copy token's position, L + 1 scored targets
+        assert torch.equal(getattr(copy, split).lengths, (x == copy.special["copy"]).int().argmax(1))
+        assert torch.equal(getattr(copy, split).lengths + 1, (y != data.IGNORE_INDEX).sum(1))
+    assert data.TensorExamples(torch.zeros(4, 2), torch.zeros(4)).lengths is None  # no length by default
+    with pytest.raises(DataError, match="one per example"):
+        data.TensorExamples(torch.zeros(4, 2), torch.zeros(4), lengths=torch.zeros(3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- Shakespeare

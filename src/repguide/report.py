@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -14,12 +16,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from repguide.analysis import SimilarityMatrix  # noqa: E402
 from repguide.runs import read_metrics  # noqa: E402
 
-__all__ = ["plot_alignment", "plot_claim", "plot_run", "plot_similarity_matrix", "report_run"]
+__all__ = [
+    "mean_accuracy_by_length", "plot_alignment", "plot_claim", "plot_length_accuracy", "plot_run",
+    "plot_similarity_matrix", "report_run",
+]
+
+BY_LENGTH = ("val_metric_by_length", "test_metric_by_length")  # summary.json's per-length entries
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write ``curves.png`` (train vs validation loss and metric) and, for guided runs,
-    ``similarity.png`` (every pair's similarity over training) into ``run_dir``."""
+    """Write ``curves.png`` (train vs validation loss and metric), for guided runs
+    ``similarity.png`` (every pair's similarity over training), and for runs whose examples have
+    lengths ``length_accuracy.png`` (:func:`plot_length_accuracy`) into ``run_dir``."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.csv")
     train = [r for r in rows if r["split"] == "train"]
@@ -51,7 +59,59 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(run_dir / "similarity.png", dpi=100)
         plt.close(fig)
         written.append(run_dir / "similarity.png")
+    if _by_length(run_dir):
+        written.append(plot_length_accuracy(run_dir))
     return written
+
+
+def _by_length(run_dir: Path) -> dict | None:
+    """The run's summary.json where it has per-length metrics, else None."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return summary if any(k in summary for k in BY_LENGTH) else None
+
+
+def plot_length_accuracy(run_dir: str | Path) -> Path:
+    """``length_accuracy.png``: the final model's val and test metric at each example length (from
+    summary.json), with the chance level of a 2-class task (parity) drawn at 0.5."""
+    from repguide import data as datasets
+    from repguide.build import run_config
+
+    run_dir = Path(run_dir)
+    summary = _by_length(run_dir)
+    if summary is None:
+        raise ArgumentError(f"{run_dir}/summary.json has no per-length metrics (the data's examples have no length)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in zip(BY_LENGTH, ("o-", "s--")):
+        points = sorted((int(k), v) for k, v in summary.get(key, {}).items())
+        if points:
+            ax.plot(*zip(*points), style, ms=3, label=key.split("_")[0])
+    config = run_config(run_dir)
+    if summary["metric"] == "accuracy" and datasets.create(config.data.name, **config.data.kwargs).num_classes == 2:
+        ax.axhline(0.5, color="grey", ls=":", label="chance (2 classes)")
+    ax.set(xlabel="length", ylabel=summary["metric"], title=f"{run_dir.name}: final {summary['metric']} by length",
+           ylim=(-0.02, 1.02) if summary["metric"] == "accuracy" else None)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "length_accuracy.png", dpi=100)
+    plt.close(fig)
+    return run_dir / "length_accuracy.png"
+
+
+def mean_accuracy_by_length(run_dirs: Iterable[str | Path], split: str = "test") -> dict[int, float]:
+    """Length → the mean over ``run_dirs`` (e.g. one recipe's seeds) of each run's final ``split``
+    metric at that length (summary.json's ``{split}_metric_by_length``), each run counting once;
+    a length only some runs scored is averaged over those. Sorted by length."""
+    key, scores = f"{split}_metric_by_length", {}
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        if key not in summary:
+            raise ArgumentError(f"{run_dir} has no {key} in summary.json (not finished, or its examples have no length)")
+        for length, value in summary[key].items():
+            scores.setdefault(int(length), []).append(value)
+    return {length: sum(v) / len(v) for length, v in sorted(scores.items())}
 
 
 def update_plots(run_dir: str | Path) -> list[Path]:
@@ -60,6 +120,7 @@ def update_plots(run_dir: str | Path) -> list[Path]:
     what a run killed while plotting left out; a finished run resumed again keeps its plots."""
     run_dir = Path(run_dir)
     plots = [run_dir / "curves.png"] + ([run_dir / "similarity.png"] if _guided_pairs(run_dir) else [])
+    plots += [run_dir / "length_accuracy.png"] if _by_length(run_dir) else []
     finished = (run_dir / "summary.json").stat().st_mtime_ns
     if all(p.is_file() and p.stat().st_mtime_ns >= finished for p in plots):
         return []

@@ -37,8 +37,8 @@ __all__ = [
 # what repguide itself put there.
 OWN_FILES = frozenset({
     "config.yaml", "metrics.csv", "last.ckpt", "prev.ckpt", "final.pt", "summary.json",
-    "curves.png", "similarity.png", "alignment.png", "alignment_start.csv", "alignment_end.csv",
-    "pairs.json",
+    "curves.png", "similarity.png", "length_accuracy.png", "alignment.png", "alignment_start.csv",
+    "alignment_end.csv", "pairs.json",
 })
 
 # One folder name under the runs folder: no separators, no "." or "..", no leading dot.

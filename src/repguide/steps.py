@@ -65,29 +65,53 @@ class Evaluation:
     loss: float
     metric: float  # accuracy (classes, copy tokens) or perplexity (language modelling)
     metric_name: str
+    # Where examples have lengths (``evaluate(..., by_length=True)``): length → (accuracy, targets scored).
+    by_length: dict[int, tuple[float, int]] | None = None
+
+    def length_keys(self, split: str) -> dict:
+        """The summary's per-length entries of ``split`` (JSON keys: lengths as strings); none without lengths."""
+        if self.by_length is None:
+            return {}
+        return {f"{split}_metric_by_length": {str(k): m for k, (m, _) in self.by_length.items()},
+                f"{split}_count_by_length": {str(k): n for k, (_, n) in self.by_length.items()}}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device, unit: str = "token") -> Evaluation:
-    """Mean loss over every predicted target (not a mean of batch means) and the task's metric."""
+def evaluate(model: nn.Module, dataset, batch_size: int, device, unit: str = "token", by_length: bool = False) -> Evaluation:
+    """Mean loss over every predicted target (not a mean of batch means) and the task's metric.
+    ``by_length``: for a data set whose examples have lengths (``dataset.lengths``, e.g. parity's), also
+    the accuracy and the number of targets scored at each length, counted in the same pass."""
     was_training = model.training
     model.eval()
+    lengths = getattr(dataset, "lengths", None) if by_length else None
+    if lengths is not None:  # per-length tallies stay on the device, read once at the end
+        hits_at = torch.zeros(int(lengths.max()) + 1, dtype=torch.long, device=device)
+        targets_at = torch.zeros_like(hits_at)
     total_nll, total_correct, total_targets = 0.0, 0, 0
     for start in range(0, len(dataset), batch_size):
-        *inputs, y = (t.to(device) for t in dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))))
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        *inputs, y = (t.to(device) for t in dataset.batch(idx))
         logits = first_tensor(model(*inputs)).float()
+        keep = y != IGNORE_INDEX
+        hits = (logits.argmax(-1) == y) & keep
+        if lengths is not None:
+            at = lengths[idx].to(device)
+            hits_at.index_add_(0, at, hits.reshape(len(idx), -1).sum(1))
+            targets_at.index_add_(0, at, keep.reshape(len(idx), -1).sum(1))
         if logits.dim() > 2:
             logits, y = logits.flatten(0, -2), y.flatten()
-        keep = y != IGNORE_INDEX
         total_nll += float(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum"))
-        total_correct += int(((logits.argmax(-1) == y) & keep).sum())
+        total_correct += int(hits.sum())
         total_targets += int(keep.sum())
     model.train(was_training)
     mean_nll = total_nll / max(total_targets, 1)
     chunks = dataset.dataset if isinstance(dataset, Head) else dataset
     if isinstance(chunks, datasets.TokenChunks):
         return Evaluation(mean_nll, datasets.perplexity(mean_nll, chunks, unit), f"ppl_{unit}")
-    return Evaluation(mean_nll, total_correct / max(total_targets, 1), "accuracy")
+    by = None
+    if lengths is not None:
+        by = {k: (h / n, n) for k, (h, n) in enumerate(zip(hits_at.tolist(), targets_at.tolist())) if n}
+    return Evaluation(mean_nll, total_correct / max(total_targets, 1), "accuracy", by)
 
 
 class Head:

@@ -337,22 +337,25 @@ def _checkpoint(t: _Training) -> None:
 
 
 def _finish(t: _Training) -> dict:
-    """Final evaluation on val, test and as many training examples; final.pt and summary.json."""
+    """Final evaluation on val, test (by length too, where examples have one) and as many training
+    examples; final.pt and summary.json."""
     ctx, config, splits = t.ctx, t.config, t.splits
     tc = config.train
 
-    def evaluated(dataset) -> Evaluation:
-        return evaluate(ctx.model, dataset, tc.eval_batch_size, ctx.fabric.device, config.data.perplexity_unit)
+    def evaluated(dataset, by_length: bool = False) -> Evaluation:
+        return evaluate(ctx.model, dataset, tc.eval_batch_size, ctx.fabric.device, config.data.perplexity_unit, by_length)
 
     if t.step:  # train metrics on the last step's epoch (augmented or resampled data), resumed or not
         t.schedule.seek(t.step - 1)
-    val, test, train_eval = evaluated(splits.val), evaluated(splits.test), evaluated(Head(splits.train, len(splits.val)))
+    val, test = evaluated(splits.val, by_length=True), evaluated(splits.test, by_length=True)
+    train_eval = evaluated(Head(splits.train, len(splits.val)))
     summary = {
         "name": config.name, "status": "finished", "scale": config.scale, "steps": t.step,
         "init_steps": t.schedule.init_steps,
         "metric": val.metric_name, "train_loss": train_eval.loss, "train_metric": train_eval.metric,
         "val_loss": val.loss, "val_metric": val.metric, "test_loss": test.loss, "test_metric": test.metric,
         "best_val_metric": t.best["metric"] if t.best else None, "seconds": time.time() - t.started,
+        **val.length_keys("val"), **test.length_keys("test"),  # where examples have lengths (parity)
     }
     if ctx.guide is not None:
         summary["guide_weights_sha256_before"] = t.guide_hash

@@ -39,14 +39,19 @@ class TensorExamples(Dataset):
     ``__getitems__`` gathers a whole batch with one indexing operation per tensor, so a DataLoader over
     it costs about as much as slicing tensors. With ``with_index=True`` each item ends with its
     position ``i`` in this dataset (a 0-dim int64 tensor), e.g. to look up cached guide features.
+    ``lengths``: where examples have a length (a string's, a sequence's), each one's, ``(n,)`` int64;
+    evaluation then also reports the metric at each length. None where examples have no length.
     """
 
-    def __init__(self, *tensors: Tensor, with_index: bool = False) -> None:
+    def __init__(self, *tensors: Tensor, with_index: bool = False, lengths: Tensor | None = None) -> None:
         sizes = {len(t) for t in tensors}
         if len(sizes) != 1:
             raise DataError(f"tensors must share their first axis, got lengths {sorted(sizes)}")
+        if lengths is not None and lengths.shape != (len(tensors[0]),):
+            raise DataError(f"lengths must be ({len(tensors[0])},), one per example, got {tuple(lengths.shape)}")
         self.tensors = tensors
         self.with_index = with_index
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.tensors[0])
@@ -73,20 +78,26 @@ class ResampledExamples(TensorExamples):
     and ``generator(seed, *keys, "epoch", e)`` for epoch e ≥ 1. So epoch e's examples are a function of
     (seed, split, e) alone: the same in a resumed run as in an uninterrupted one, and on every process.
     Position i holds a different example in each epoch, so nothing may be cached by position (the
-    guide-feature cache is refused with it). ``draw(g)`` returns the split's tensors.
+    guide-feature cache is refused with it). ``draw(g)`` returns the split's tensors and their
+    ``lengths`` (None where examples have none).
     """
 
     def __init__(
-        self, draw: Callable[[torch.Generator], tuple[Tensor, ...]], seed: int, *keys: str, with_index: bool = False
+        self,
+        draw: Callable[[torch.Generator], tuple[tuple[Tensor, ...], Tensor | None]],
+        seed: int,
+        *keys: str,
+        with_index: bool = False,
     ) -> None:
-        super().__init__(*draw(generator(seed, *keys)), with_index=with_index)
+        tensors, lengths = draw(generator(seed, *keys))
+        super().__init__(*tensors, with_index=with_index, lengths=lengths)
         self._draw, self._keys = draw, (seed, *keys)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Hold epoch ``epoch``'s examples (drawn again only when it differs from the current one)."""
         if epoch != self.epoch:
-            self.tensors = self._draw(generator(*self._keys, *(("epoch", epoch) if epoch else ())))
+            self.tensors, self.lengths = self._draw(generator(*self._keys, *(("epoch", epoch) if epoch else ())))
             self.epoch = epoch
 
 

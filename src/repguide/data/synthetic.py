@@ -30,8 +30,8 @@ def copy_paste_tokens(num_symbols: int = 10) -> dict[str, int]:
 
 def _copy_paste_examples(
     n: int, num_symbols: int, min_len: int, max_len: int, g: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``n`` examples as inputs and targets, both ``(n, 2 * max_len + 2)`` int64."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` examples as inputs and targets, both ``(n, 2 * max_len + 2)`` int64, and their lengths ``(n,)``."""
     tok = copy_paste_tokens(num_symbols)
     lengths = torch.randint(min_len, max_len + 1, (n, 1), generator=g)
     symbols = torch.randint(num_symbols, (n, max_len), generator=g)
@@ -49,7 +49,7 @@ def _copy_paste_examples(
     y = torch.full_like(src, IGNORE_INDEX)
     y = torch.where(blank, src, y)
     y = torch.where(is_eos, tok["eos"], y)
-    return x, y
+    return x, y, lengths[:, 0]
 
 
 def copy_paste_positions(x: Tensor, y: Tensor, num_symbols: int = 10, **_: object) -> dict[str, Tensor]:
@@ -79,9 +79,10 @@ def copy_paste(
     (ignore = -100). The model predicts ``y[t]`` at position t (no shift); the loss is
     ``F.cross_entropy(logits.transpose(1, 2), y)`` and the metric :func:`token_accuracy`, both over the
     L + 1 non-ignored positions (the copy and its EOS). Defaults are the paper's (100k examples,
-    80/20 train/val plus a test set the size of val). ``resample=True``: the training split draws
-    ``train_size`` new examples every epoch (``splits.train.set_epoch(e)``; epoch 0 is the fixed
-    split of ``resample=False``), as the official code re-sampled on every access.
+    80/20 train/val plus a test set the size of val). Each split's ``lengths`` holds every example's L.
+    ``resample=True``: the training split draws ``train_size`` new examples every epoch
+    (``splits.train.set_epoch(e)``; epoch 0 is the fixed split of ``resample=False``), as the
+    official code re-sampled on every access.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -90,12 +91,14 @@ def copy_paste(
     tok = copy_paste_tokens(num_symbols)
 
     def split(size: int, split_seed: int, name: str, fresh: bool = False) -> TensorExamples:
-        def draw(g: torch.Generator) -> tuple[Tensor, Tensor]:
-            return _copy_paste_examples(size, num_symbols, min_len, max_len, g)
+        def draw(g: torch.Generator) -> tuple[tuple[Tensor, Tensor], Tensor]:
+            x, y, lengths = _copy_paste_examples(size, num_symbols, min_len, max_len, g)
+            return (x, y), lengths
 
         if fresh:
             return ResampledExamples(draw, split_seed, "copy_paste", name, with_index=with_index)
-        return TensorExamples(*draw(generator(split_seed, "copy_paste", name)), with_index=with_index)
+        tensors, lengths = draw(generator(split_seed, "copy_paste", name))
+        return TensorExamples(*tensors, with_index=with_index, lengths=lengths)
 
     vocab = num_symbols + len(tok)
     return Splits(
@@ -143,22 +146,23 @@ def parity(
     number of ones mod 2. Batches unpack as ``x, lengths, y``: call ``model(x, lengths)`` (lengths stay
     on the CPU for ``pack_padded_sequence``) and score 2 logits with ``F.cross_entropy``. Defaults
     are the paper's (lengths 2..50, 100k examples split 80/10/10). Short strings repeat across splits:
-    there are only 4 strings of length 2. ``resample=True``: the training split draws new strings
-    every epoch, as in :func:`copy_paste`.
+    there are only 4 strings of length 2. Each split's ``lengths`` holds every example's L.
+    ``resample=True``: the training split draws new strings every epoch, as in :func:`copy_paste`.
     """
     if not 1 <= min_len <= max_len:
         raise DataError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
 
     def split(size: int, split_seed: int, name: str, fresh: bool = False) -> TensorExamples:
-        def draw(g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        def draw(g: torch.Generator) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
             lengths = torch.randint(min_len, max_len + 1, (size,), generator=g)
             bits = torch.randint(2, (size, max_len), generator=g)
             valid = torch.arange(max_len) < lengths[:, None]
-            return torch.where(valid, bits, PARITY_PAD), lengths, (bits * valid).sum(1) % 2
+            return (torch.where(valid, bits, PARITY_PAD), lengths, (bits * valid).sum(1) % 2), lengths
 
         if fresh:
             return ResampledExamples(draw, split_seed, "parity", name, with_index=with_index)
-        return TensorExamples(*draw(generator(split_seed, "parity", name)), with_index=with_index)
+        tensors, lengths = draw(generator(split_seed, "parity", name))
+        return TensorExamples(*tensors, with_index=with_index, lengths=lengths)
 
     return Splits(
         train=split(train_size, seed, "train", resample),
