@@ -124,6 +124,9 @@ class Prepared:
         # constant): two passes over x in all, which matters for 10⁴-wide conv maps.
         inv = torch.where(self.constant, torch.zeros_like(spread), 1 / spread)
         self.x: Tensor | None = xc.mul_(inv)
+        #: the largest |centred entry|: the centred input is ``x * spread`` (for sums of Grams
+        #: across batches, which one CKA value's scale invariance does not cover).
+        self.spread = spread
         #: dtype of the operands of :attr:`gram` and :attr:`cov`; ``torch.bfloat16`` gives faster
         #: products on CPUs with bf16 units (fp32 accumulation, result rounded to bf16).
         self.matmul_dtype = self.x.dtype

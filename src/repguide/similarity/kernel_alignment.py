@@ -167,19 +167,19 @@ def _centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype | None 
     So a float32 product, half the cost of a float64 one, stays within ~1e-7 of a float64
     reference on float32 activations, nearly constant deep layers included (tests/test_analysis.py).
 
-    Not :attr:`Prepared.gram`: Prepared rescales each input by its own largest entry, which one CKA
-    value is invariant to but a ratio of HSICs summed over batches is not. Prepared still decides
-    what counts as constant, so a constant layer scores 0 here exactly as in every measure.
+    Prepared centres and rescales each input by its own largest entry, which one CKA value is
+    invariant to but a ratio of HSICs summed over batches is not, so the Gram is scaled back by
+    the spread². Prepared also decides what counts as constant, so a constant layer scores 0 here
+    exactly as in every measure.
     """
     if gram_dtype is None:
         gram_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if torch.finfo(gram_dtype).bits > torch.finfo(dtype).bits:
         gram_dtype = dtype
-    x = x.reshape(x.shape[0], -1).to(gram_dtype)
-    if Prepared(x, min_n=4).constant:
+    p = Prepared(x.reshape(x.shape[0], -1).to(gram_dtype), min_n=4)  # centred, unit spread
+    if p.constant:
         return x.new_zeros(x.shape[0], x.shape[0], dtype=dtype)
-    xc = x - x.mean(dim=0, keepdim=True)
-    return (xc @ xc.T).to(dtype)
+    return (p.x @ p.x.T).to(dtype) * p.spread.to(dtype).square()
 
 
 def _u_centre(k: Tensor) -> Tensor:
