@@ -10,7 +10,6 @@ its rows are one recipe with different overrides, each under a run name of its o
 
 from __future__ import annotations
 
-import difflib
 import json
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from repguide._registry import did_you_mean
 from repguide.config import SCALES, list_recipes, load_recipe, parse_yaml
 from repguide.errors import ConfigError
 from repguide.runs import check_run_name
@@ -45,8 +45,7 @@ class Row(_Entry):
     @classmethod
     def _shipped(cls, v: str) -> str:
         if v not in list_recipes():
-            close = difflib.get_close_matches(v, list_recipes(), n=1)
-            raise ValueError(f"no shipped recipe {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise ValueError(f"no shipped recipe {v!r}" + did_you_mean(v, list_recipes(), "; did you mean {}?", show=repr))
         return v
 
     @model_validator(mode="before")
@@ -164,8 +163,8 @@ def _validate(entry: Any, index: int, path: Path) -> Claim:
             where = ".".join(str(p) for p in e["loc"])
             msg = e["msg"].removeprefix("Value error, ").replace("\n", "\n  ")
             if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(str(e["loc"][-1]), _KEYS, n=1)
-                lines.append(f"unknown key {where!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                hint = did_you_mean(str(e["loc"][-1]), _KEYS, " (did you mean {}?)", show=repr)
+                lines.append(f"unknown key {where!r}" + hint)
             elif e["type"] == "missing":
                 lines.append(f"{where}: a required key is missing")
             elif where and not isinstance(e.get("input"), dict):
