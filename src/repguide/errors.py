@@ -44,6 +44,10 @@ class RunDirError(RepguideError, RuntimeError):
     """The run folder cannot be used as asked (it holds results, is locked, or is not writable)."""
 
 
+class RunInUseError(RunDirError):
+    """Another process holds the run folder's lock: it is training that run right now."""
+
+
 class CheckpointError(RepguideError, RuntimeError):
     """A checkpoint or weights file cannot be read or does not fit this run."""
 

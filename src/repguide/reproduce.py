@@ -19,7 +19,7 @@ from pathlib import Path
 
 from repguide.claims import Claim, Row, load_claims
 from repguide.config import load_recipe
-from repguide.errors import ConfigError
+from repguide.errors import ConfigError, RunInUseError
 from repguide.runs import RunDir, is_main_process
 
 __all__ = ["CLAIMS", "Claim", "reproduce", "write_report"]
@@ -117,6 +117,9 @@ def reproduce(
                 train(config, runs_dir, resume=resume, overwrite=not resume, quiet=quiet)
             except FloatingPointError as err:  # a diverged run is a result too; it is reported
                 print(f"[reproduce] {name} stopped: {err}", flush=True)
+                continue
+            except RunInUseError as err:  # another reproduce is training it: two can share a suite
+                print(f"[reproduce] {name}: skipped, {err}", flush=True)
                 continue
             if is_main_process():
                 update_plots(run.path)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from repguide.errors import CheckpointError, RunDirError
+from repguide.errors import CheckpointError, RunDirError, RunInUseError
 
 __all__ = [
     "CheckpointError", "OWN_FILES", "RunDir", "RunDirError", "atomic_save", "check_run_name", "is_main_process",
@@ -184,7 +184,7 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunDirError(
+                raise RunInUseError(
                     f"{self.path} is in use by process {_read_pid(lock) or '(unknown)'}; two runs "
                     "cannot write the same folder: wait for it to end, or give this run another name"
                 ) from None
