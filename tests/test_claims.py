@@ -212,3 +212,8 @@ def test_reproduce_skips_a_run_another_process_is_training_and_goes_on(tmp_path,
         holder.close()
     assert trained == ["deep_fcn_untrained_resnet18_s0"]
     assert "deep_fcn_baseline_s0: skipped, " in capsys.readouterr().out
+
+
+def test_an_unknown_claim_id_names_the_known_ones_and_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown claim in \['C4-officail'\]; known claims: C1, .*\. Did you mean 'C4-official'\?"):
+        rp.reproduce("tiny", seeds=1, only=["C4-officail"], report=None)

@@ -194,7 +194,7 @@ def test_unknown_initial_state_of_a_recurrent_model_names_the_values(tmp_path, c
     assert main([*args, "model.kwargs.initial_state=final"]) == 2
     err = capsys.readouterr().err.rstrip("\n")
     assert err.startswith("repguide: error: ") and "Traceback" not in err
-    assert "initial_state must be one of 'zeros', 'carry', got 'final'" in err
+    assert "model.kwargs of 'copy_rnn': initial_state must be one of 'zeros', 'carry', got 'final'" in err
     assert not RunDir(tmp_path / "runs", "copy_rnn_baseline").has_results()
     record("initial-state", "unknown initial state of a recurrent model", "`model.kwargs.initial_state=final`", err, tmp_path)
 

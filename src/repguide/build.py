@@ -24,8 +24,12 @@ from repguide.runs import CheckpointError, RunDirError, load_weights
 __all__ = ["build_model", "first_mismatch", "load_guide", "load_model", "run_config", "weights_hash"]
 
 
-def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Module:
-    """A model from the registry, sized to the data (classes, vocabulary, image shape)."""
+def build_model(
+    spec: ModelConfig, splits: datasets.Splits, seed: int, recipe_key: str | None = "model"
+) -> nn.Module:
+    """A model from the registry, sized to the data (classes, vocabulary, image shape).
+    ``recipe_key``: the recipe key ``spec`` came from (``"model"``, ``"guidance.guide"``), named in
+    a builder's error."""
     kwargs = dict(spec.kwargs)
     defaults = {"num_classes": splits.num_classes}
     if splits.input_shape is not None:
@@ -47,7 +51,12 @@ def build_model(spec: ModelConfig, splits: datasets.Splits, seed: int) -> nn.Mod
             kwargs[key] = value
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return models.create(spec.name, **kwargs)
+        try:
+            return models.create(spec.name, **kwargs)
+        except ModelError as err:  # a knob's value the builder refuses: say which recipe key holds it
+            if recipe_key is None:
+                raise
+            raise ModelError(f"{recipe_key}.kwargs of {spec.name!r}: {err}") from None
 
 
 def weights_hash(module: nn.Module, buffers: bool = True) -> str:
@@ -70,7 +79,7 @@ def load_guide(config: RunConfig, splits: datasets.Splits, runs_dir: Path) -> nn
     gc = config.guidance
     if gc.guide is None:
         raise ConfigError(f"guidance.mode={gc.mode!r} needs guidance.guide (a model name and kwargs)")
-    guide = build_model(gc.guide, splits, gc.guide_seed)
+    guide = build_model(gc.guide, splits, gc.guide_seed, recipe_key="guidance.guide")
     if gc.guide_run is not None:
         path = Path(gc.guide_run)
         weights = path if path.suffix in (".pt", ".ckpt") else (runs_dir / gc.guide_run / "final.pt" if not path.is_dir() else path / "final.pt")

@@ -50,7 +50,7 @@ def _layers(args: argparse.Namespace) -> int:
 
     name, kwargs = _example_data(args.model) if args.data is None else (args.data, parse_overrides(args.data_kwargs))
     splits = data.create(name, **kwargs)
-    model = build_model(ModelConfig(name=args.model, kwargs=parse_overrides(args.kwargs)), splits, 0)
+    model = build_model(ModelConfig(name=args.model, kwargs=parse_overrides(args.kwargs)), splits, 0, recipe_key=None)
     *inputs, _ = splits.train.batch(torch.arange(min(8, len(splits.train))))
     try:
         found = discover(model, *inputs, layers=args.layers)

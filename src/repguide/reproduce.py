@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from repguide._registry import did_you_mean
 from repguide.claims import Claim, Row, load_claims
 from repguide.config import load_recipe
 from repguide.errors import ConfigError, RunInUseError
@@ -56,7 +57,8 @@ def _claims(only: list[str] | None) -> list[Claim]:
     unknown = sorted(set(only or ()) - {c.id for c in CLAIMS})
     if unknown:
         known = ", ".join(c.id for c in CLAIMS)
-        raise ConfigError(f"unknown claim in {only}; known claims: {known}")
+        hint = did_you_mean(unknown, [c.id for c in CLAIMS], " Did you mean {}?", show=repr)
+        raise ConfigError(f"unknown claim in {only}; known claims: {known}.{hint}")
     return [c for c in CLAIMS if only is None or c.id in only or c.ablates in only]
 
 
