@@ -644,3 +644,10 @@ def test_docs_errors_md_is_the_table_of_these_messages():
     stale = [row for row in table.splitlines() if row not in documented]
     assert not stale, "messages changed: regenerate docs/errors.md (see this file's docstring)\n" + "\n".join(stale)
     assert not re.search(r"/tmp/|pytest-of-", table)
+
+
+def test_the_cli_offers_every_layer_rule():
+    from repguide import cli
+    from repguide.capture import LAYER_RULES
+
+    assert cli._LAYER_RULES == list(LAYER_RULES)  # spelled out there so --help does not import torch

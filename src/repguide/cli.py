@@ -11,6 +11,10 @@ from repguide.errors import ArgumentError, RepguideError
 
 __all__ = ["main"]
 
+# repguide.capture.LAYER_RULES, spelled out so that `repguide --help` need not import torch
+# (tests/test_cli.py checks that they agree).
+_LAYER_RULES = ["blocks", "leaves", "all", "official"]
+
 DEMO_RUNS = [
     ("deep FCN, no guidance", "deep_fcn_baseline"),
     ("deep FCN guided by an untrained ResNet-18", "deep_fcn_untrained_resnet18"),
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("kwargs", nargs="*", help="model size knobs, key=value")
     layers.add_argument("--data", default=None, help="data set giving the example input (default: the data of a recipe using the model)")
     layers.add_argument("--data-kwargs", nargs="*", default=[])
-    layers.add_argument("--layers", default="blocks", choices=["blocks", "leaves", "all"], help="the layer rule")
+    layers.add_argument("--layers", default="blocks", choices=_LAYER_RULES, help="the layer rule")
     layers.set_defaults(func=_layers)
 
     pairs = sub.add_parser("pairs", help="a recipe's pairs before training: initial similarity, floor, variance shares")
@@ -284,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="layer×layer similarity of two models over a data set (CSV + heatmap)")
     _add_model_pair(cmp)
-    cmp.add_argument("--layers", default="blocks", choices=["blocks", "leaves", "all"], help="the layer rule (default: blocks)")
+    cmp.add_argument("--layers", default="blocks", choices=_LAYER_RULES, help="the layer rule (default: blocks)")
     cmp.add_argument("--layers-a", nargs="*", default=None, help="layer names or globs (default: candidate layers)")
     cmp.add_argument("--layers-b", nargs="*", default=None)
     cmp.add_argument("--reduction", default="flatten", choices=["flatten", "mean"])

@@ -1,4 +1,5 @@
-"""Which target layer is aligned with which guide layer: explicit pairs, the paper's stretch, patterns."""
+"""Which target layer is aligned with which guide layer: explicit pairs, the paper's stretch, the
+official code's mapping, patterns."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Union
 from repguide._registry import did_you_mean
 from repguide.errors import LayerError
 
-__all__ = ["Pair", "PairSpec", "resolve_pairs", "select_layers", "stretch"]
+__all__ = ["PAIRINGS", "Pair", "PairSpec", "official_mapping", "resolve_pairs", "select_layers", "stretch"]
+
+#: The pairings named by a string.
+PAIRINGS = ("stretch", "official")
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class Pair:
         return (self.target, self.guide)
 
 
-#: ``"stretch"``; a list of ``(target, guide)`` / ``(target, guide, weight)`` / :class:`Pair`;
+#: ``"stretch"`` or ``"official"``; a list of ``(target, guide)`` / ``(target, guide, weight)`` / :class:`Pair`;
 #: or ``{"target": names-or-globs, "guide": names-or-globs}`` (the matched layers are stretched).
 PairSpec = Union[str, Sequence, Mapping]
 
@@ -50,6 +54,26 @@ def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[P
         return [Pair(target_layers[round(i * step)], g) for i, g in enumerate(guide_layers)]
     step = (s - 1) / (t - 1) if t > 1 else 0.0
     return [Pair(tl, guide_layers[round(j * step)]) for j, tl in enumerate(target_layers)]
+
+
+def official_mapping(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[Pair]:
+    """The official code's mapping: guide layer i is written to target layer
+    min(round(i·(T−1)/(S−1)), T−1), and where several guide layers land on one target layer the
+    last of them wins (the others were computed and dropped there; here they are not computed).
+
+    With S <= T this is :func:`stretch`; with S > T every target layer keeps one guide layer, the
+    deepest of those mapped to it. Pairs come in target-layer order.
+    """
+    t, s = len(target_layers), len(guide_layers)
+    if t == 0 or s == 0:
+        raise LayerError(
+            f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
+        )
+    step = (t - 1) / (s - 1) if s > 1 else 1.0
+    winner: dict[int, str] = {}
+    for i, guide in enumerate(guide_layers):
+        winner[min(round(i * step), t - 1)] = guide
+    return [Pair(target_layers[j], winner[j]) for j in sorted(winner)]
 
 
 def select_layers(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:
@@ -82,13 +106,13 @@ def resolve_pairs(
     ``"stretch"`` and patterns; explicit pairs are checked against them when given).
     """
     if isinstance(spec, str):
-        if spec != "stretch":
+        if spec not in PAIRINGS:
             raise LayerError(
-                f"unknown pairing {spec!r}: use 'stretch', a list of (target, guide) pairs, or "
-                "{'target': patterns, 'guide': patterns}"
+                f"unknown pairing {spec!r}: use 'stretch', 'official', a list of (target, guide) "
+                "pairs, or {'target': patterns, 'guide': patterns}"
             )
         _require_layers(target_layers, guide_layers)
-        pairs = stretch(target_layers, guide_layers)
+        pairs = (stretch if spec == "stretch" else official_mapping)(target_layers, guide_layers)
     elif isinstance(spec, Mapping):
         unknown = set(spec) - {"target", "guide"}
         if unknown or not spec:

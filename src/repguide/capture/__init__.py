@@ -4,6 +4,7 @@ and every layer of a stacked recurrent module (:mod:`._recurrent`)."""
 from repguide.capture._discovery import (
     DEFAULT_LAYER_TYPES,
     LAYER_RULES,
+    OFFICIAL_LAYER_TYPES,
     LayerInfo,
     block_names,
     discover,
@@ -16,6 +17,7 @@ from repguide.capture._recurrent import layer_name
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "LAYER_RULES",
+    "OFFICIAL_LAYER_TYPES",
     "REDUCTIONS",
     "Capture",
     "LayerInfo",

@@ -14,6 +14,14 @@ Three rules (``layers=``):
 - ``"leaves"``: modules of :data:`DEFAULT_LAYER_TYPES` (repguide's default before blocks; a
   stacked recurrent module is one layer).
 - ``"all"``: every non-container module, and every layer of a stacked recurrent module.
+- ``"official"``: what the paper's research code recorded (its ``layer_extract.py``): modules whose
+  exact class (not a subclass) is one of :data:`OFFICIAL_LAYER_TYPES`, LayerNorm and whole
+  ``nn.TransformerDecoderLayer`` calls included, a stacked recurrent module as one layer, one layer
+  per call of a module called several times, and the last recorded layer dropped (the head, on
+  the official models). A module may say which of those classes it stands for with a
+  ``stands_for`` attribute: repguide's own attention counts as ``nn.MultiheadAttention`` (whose
+  projections are not modules, so the attention's inner layers are not recorded), its Transformer
+  block with a cross-attention as ``nn.TransformerDecoderLayer``.
 
 ``types=`` (a tuple of module classes) overrides the rule; the strings ``"default"`` (= ``"leaves"``,
 what stored configs say) and ``"all"`` are accepted there too.
@@ -37,7 +45,7 @@ from repguide.capture._recurrent import is_stacked, layer_by_layer, layer_name
 from repguide.errors import LayerError
 
 #: The ways of choosing candidate layers; see the module docstring.
-LAYER_RULES = ("blocks", "leaves", "all")
+LAYER_RULES = ("blocks", "leaves", "all", "official")
 
 #: The ``"leaves"`` rule: the paper's choice (linear maps, convolutions, recurrent layers,
 #: attention, Transformer layers), matched with isinstance so subclasses count.
@@ -50,6 +58,17 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
 )
+#: The ``"official"`` rule's classes, matched exactly (the official code's ``layers_to_retain``).
+OFFICIAL_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.AdaptiveAvgPool2d,
+    nn.LSTM,
+    nn.RNN,
+    nn.TransformerDecoderLayer,
+    nn.LayerNorm,
+    nn.MultiheadAttention,
+)
 # Leaf layers of a model without blocks; Hugging Face's Conv1D and norms (LlamaRMSNorm, ...) by
 # class name, so that transformers need not be imported.
 _LEAF_TYPES = DEFAULT_LAYER_TYPES + (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -60,6 +79,9 @@ _LOOKED_FOR = {
     "leaves": "modules of repguide.capture.DEFAULT_LAYER_TYPES (Linear, Bilinear, convolutions, "
     "recurrent, MultiheadAttention, Transformer layers)",
     "all": "every module",
+    "official": "modules whose exact class is one of repguide.capture.OFFICIAL_LAYER_TYPES (Conv2d, "
+    "Linear, AdaptiveAvgPool2d, LSTM, RNN, TransformerDecoderLayer, LayerNorm, MultiheadAttention), "
+    "the last one dropped",
 }
 
 Named = list[tuple[str, nn.Module]]
@@ -120,6 +142,8 @@ def _candidates(model: nn.Module, layers: str, types: str | tuple[type, ...] | N
     modules = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, _CONTAINERS)]
     if layers == "leaves":
         return [(n, m) for n, m in modules if isinstance(m, DEFAULT_LAYER_TYPES)], [], _LOOKED_FOR[layers]
+    if layers == "official":
+        return _official_candidates(model), [], _LOOKED_FOR[layers]
     stacked = [(n, m) for n, m in modules if is_stacked(m)]
     if layers == "all":
         return modules, stacked, _LOOKED_FOR[layers]
@@ -128,6 +152,22 @@ def _candidates(model: nn.Module, layers: str, types: str | tuple[type, ...] | N
         return [(n, model.get_submodule(n)) for n in blocks], [], _LOOKED_FOR[layers]
     leaves = [(n, m) for n, m in modules if _is_leaf_layer(m) and not is_stacked(m)]
     return leaves, stacked, _LOOKED_FOR[layers]
+
+
+def _official_candidates(model: nn.Module) -> Named:
+    """The ``"official"`` rule's modules: exact classes, or the class a module ``stands_for``;
+    nothing inside a module that stands for ``nn.MultiheadAttention``."""
+    chosen: Named = []
+    opaque: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in opaque):
+            continue
+        kind = getattr(module, "stands_for", type(module))
+        if kind is nn.MultiheadAttention:
+            opaque.append(name)
+        if kind in OFFICIAL_LAYER_TYPES:
+            chosen.append((name, module))
+    return chosen
 
 
 def _no_layer_message(model: nn.Module, looked_for: str) -> str:
@@ -167,8 +207,8 @@ def discover(
 ) -> list[LayerInfo]:
     """Candidate layers of ``model`` in forward execution order, found with probing forwards.
 
-    ``layers``: ``"blocks"``, ``"leaves"`` or ``"all"``; ``types``: module classes that override
-    it (see the module docstring). The model runs twice, on the example batch and on it with its
+    ``layers``: ``"blocks"``, ``"leaves"``, ``"all"`` or ``"official"``; ``types``: module classes
+    that override it (see the module docstring). The model runs twice, on the example batch and on it with its
     first example repeated, in its current train/eval mode, under no_grad, with its buffers and the
     RNG restored afterwards. A layer's batch axis is the one axis that grew by one, so it is found
     even when another axis has the batch size. Layers whose output has no such axis are not
@@ -177,6 +217,8 @@ def discover(
     n = input_batch_size(example_args, example_kwargs, input_batch_axis)
     chosen, stacked, looked_for = _candidates(model, layers, types)
     order, final = _probe(model, chosen, stacked, example_args, example_kwargs)
+    if layers == "official" and types is None:
+        order = order[:-1]  # the official code dropped the last recorded layer
     grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
     try:
         grown_order = _probe(model, chosen, stacked, grown_args, grown_kwargs)[0]
@@ -267,7 +309,7 @@ def layers(
 ) -> list[str]:
     """Names of ``model``'s candidate layers in forward execution order (see :func:`discover`).
 
-    ``layers``: ``"blocks"`` (default), ``"leaves"`` or ``"all"``; ``types``: a tuple of module
-    classes that overrides it.
+    ``layers``: ``"blocks"`` (default), ``"leaves"``, ``"all"`` or ``"official"``; ``types``: a
+    tuple of module classes that overrides it.
     """
     return [info.name for info in discover(model, *example_args, layers=layers, types=types, **kwargs)]

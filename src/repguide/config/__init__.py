@@ -90,7 +90,7 @@ class GuidanceConfig(_Strict):
     # None: an untrained guide initialised from guide_seed.
     guide_run: Optional[str] = None
     guide_seed: int = 0
-    pairs: Union[str, list[list], dict[str, Union[str, list[str]]]] = "stretch"
+    pairs: Union[Literal["stretch", "official"], list[list], dict[str, Union[str, list[str]]]] = "stretch"
     measure: str = "cka"
     weight: _NonNegative = 1.0
     reduction: Literal["flatten", "mean", "tokens"] = "flatten"
@@ -100,7 +100,10 @@ class GuidanceConfig(_Strict):
     # stacked RNN); "leaves", Linear/conv/recurrent/attention modules (the rule before blocks);
     # "all", every module. A stored config's old key `layer_types: default|all` reads as
     # `layers: leaves|all`, so a run made before blocks existed keeps its pairs when resumed.
-    layers: Literal["blocks", "leaves", "all"] = "blocks"
+    # "official", the paper's research code's rule (exact classes, LayerNorm included, the last
+    # recorded layer dropped), goes with `pairs: official` (several guide layers on one target
+    # layer: the last wins).
+    layers: Literal["blocks", "leaves", "all", "official"] = "blocks"
     # Switch guidance off after this many steps (paper: 300).
     off_after: Annotated[Optional[int], _at_least(1, null="to keep guidance on")] = None
     # Guidance-driven initialisation: this many alignment-only steps (no task loss) before plain

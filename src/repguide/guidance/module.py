@@ -53,8 +53,9 @@ class Guidance(Diagnosable, nn.Module):
             gradients) and run under ``torch.no_grad()``. It may share no module, parameter or
             buffer with the target. Its weights are part of this module's ``state_dict()``
             (under ``guide.``), so a saved Guidance restores the guide it was trained with.
-        pairs: ``"stretch"`` (the paper's even spread of guide layers over target layers), an
-            explicit list of ``(target_layer, guide_layer[, weight])``, or
+        pairs: ``"stretch"`` (the paper's even spread of guide layers over target layers),
+            ``"official"`` (the official code's mapping: with more guide than target layers, the
+            last guide layer mapped to a target layer wins), an explicit list of ``(target_layer, guide_layer[, weight])``, or
             ``{"target": names-or-globs, "guide": names-or-globs}``. See :func:`repguide.layers`.
         measure: a registered similarity name (``"cka"``, ``"cka_unbiased"``, ``"cka_rbf"``,
             ``"rsa"``, ``"procrustes"``) or a :class:`~repguide.similarity.Measure`.
@@ -68,7 +69,8 @@ class Guidance(Diagnosable, nn.Module):
             and ``pairs`` resolved now; otherwise on the first call.
         layers: which modules are candidate layers for ``"stretch"``: ``"blocks"`` (the model's
             blocks, or its leaf layers where it has none), ``"leaves"`` (the module types of
-            :data:`repguide.capture.DEFAULT_LAYER_TYPES`) or ``"all"`` (see
+            :data:`repguide.capture.DEFAULT_LAYER_TYPES`), ``"all"`` or ``"official"`` (the
+            official code's exact classes, the last recorded layer dropped; see
             :mod:`repguide.capture._discovery`); patterns match every module.
         layer_types: a tuple of module classes that overrides ``layers`` (``"default"``, what
             stored configs say, means ``layers="leaves"``).

@@ -20,8 +20,11 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention, causal or bidirectional: ``(n, T, dim) → (n, T, dim)``.
 
     Written on ``scaled_dot_product_attention`` rather than ``nn.MultiheadAttention`` so the
-    module returns one batch-first tensor (no tuple for hooks to unpack).
+    module returns one batch-first tensor (no tuple for hooks to unpack). ``stands_for``: the
+    class the official code's layer rule records it as (``layers="official"``).
     """
+
+    stands_for = nn.MultiheadAttention
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
@@ -54,6 +57,8 @@ class CrossAttention(nn.Module):
 
     ``causal`` lets position t attend memory positions ≤ t only (memory of the same length as x)."""
 
+    stands_for = nn.MultiheadAttention
+
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
@@ -83,7 +88,9 @@ class TransformerBlock(nn.Module):
     ``memory`` other than ``"none"`` adds a cross-attention sub-layer (``cross``, with ``norm_cross``)
     between the two, attending the stack's input passed as ``memory``: as the official copy-paste
     guide's ``nn.TransformerDecoderLayer`` did with its own input, ``"unmasked"`` (every position
-    sees the whole input, future tokens included) or ``"causal"``.
+    sees the whole input, future tokens included) or ``"causal"``. For the official layer rule
+    (``layers="official"``) a block with memory stands for that ``nn.TransformerDecoderLayer``, one
+    without for an ``nn.TransformerEncoderLayer`` (which the official code did not record).
     """
 
     def __init__(
@@ -112,6 +119,10 @@ class TransformerBlock(nn.Module):
         if memory != "none":
             self.norm_cross = nn.LayerNorm(dim)
             self.cross = CrossAttention(dim, heads, dropout, causal=memory == "causal")
+
+    @property
+    def stands_for(self) -> type[nn.Module]:
+        return nn.TransformerDecoderLayer if hasattr(self, "cross") else nn.TransformerEncoderLayer
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
         """``x: (n, T, dim)``; ``key_mask: (n, T)`` bool, True at real (non-pad) tokens;
