@@ -3,12 +3,14 @@ and the properties the paper's comparisons rely on hold (causality, untied layer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from repguide import data, models
 from repguide.models import create, list_models
@@ -159,7 +161,8 @@ def test_create_passes_keyword_arguments_to_the_factory():
 
 def test_accepted_kwargs_lists_the_factory_knobs():
     assert models.accepted_kwargs("parity_rnn") == {
-        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id", "initial_state"
+        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id", "initial_state",
+        "packed", "fused",
     }
     assert "num_classes" in models.accepted_kwargs("resnet18")
     with pytest.raises(ValueError, match="Did you mean 'vit'"):
@@ -417,6 +420,147 @@ def test_a_recipe_sets_initial_state_through_model_kwargs():
     splits = data.create(config.data.name, **config.data.kwargs)
     assert build_model(config.model, splits, 0).initial_state == "carry"
     assert build_model(load_recipe("copy_rnn_baseline", "tiny").model, splits, 0).initial_state == "zeros"
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence models: the official parity guide's switches (packed, fused)
+
+
+def _padded_bits(lengths: list[int], t: int) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor(lengths)
+    return torch.randint(0, 2, (len(lengths), t)).masked_fill(torch.arange(t) >= lengths[:, None], 2), lengths
+
+
+def _each_string_alone(model: nn.Module, x: Tensor, lengths: Tensor) -> list[Tensor]:
+    """Independent reference for ``packed``: each string's top-layer outputs ``(L, hidden)``, from
+    its L valid tokens alone (no padding, no packing) through the model's own modules."""
+    modules = [model.rnn] if model.fused else list(model.layers)
+    outputs = []
+    for row, length in zip(x, lengths.tolist()):
+        h, state = model.embed(row[None, :length]), None
+        for module in modules:
+            h, final = module(h) if state is None else module(h, state)
+            state = final if model.initial_state == "carry" else None
+        outputs.append(h[0])
+    return outputs
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("switches", [dict(), dict(initial_state="carry"), dict(fused=True)], ids=str)
+def test_packed_parity_rnn_equals_each_string_run_alone_and_is_zero_past_its_length(cell, switches):
+    torch.manual_seed(0)
+    model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, cell=cell, packed=True, **switches)
+    model = model.double().eval()
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    with torch.no_grad():
+        h, logits = model.features(x, lengths), model(x, lengths)
+        reference = _each_string_alone(model, x, lengths)
+    assert h.shape == (4, 9, 6)
+    for i, (ref, length) in enumerate(zip(reference, lengths.tolist())):
+        assert torch.allclose(h[i, :length], ref, atol=1e-10, rtol=0)
+        assert torch.equal(h[i, length:], torch.zeros_like(h[i, length:]))
+        assert torch.allclose(logits[i], model.head(ref[-1]), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(initial_state="carry"), dict(fused=True)], ids=str)
+def test_packed_parity_logits_ignore_the_padding_tokens_and_unpacked_carry_does_not(switches):
+    torch.manual_seed(0)
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    garbage = torch.where(torch.arange(9) >= lengths[:, None], torch.randint(0, 2, (4, 9)), x)
+    for packed in (True, False):
+        torch.manual_seed(1)
+        model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=2, packed=packed, **switches).eval()
+        with torch.no_grad():
+            same = torch.allclose(model(x, lengths), model(garbage, lengths), atol=1e-6, rtol=0)
+        # Unpacked, only the carried state runs through the padding into the read-out.
+        assert same == (packed or switches.get("initial_state") != "carry"), packed
+
+
+def _fused_from(unfused: nn.Module, **kwargs: object) -> nn.Module:
+    """The fused twin of ``unfused``: ``layers.k.weight_ih_l0`` → ``rnn.weight_ih_l{k}`` and so on."""
+    fused = type(unfused)(**kwargs, fused=True)
+    renamed = {re.sub(r"^layers\.(\d+)\.(\w+)_l0$", r"rnn.\2_l\1", k): v for k, v in unfused.state_dict().items()}
+    fused.load_state_dict(renamed)  # strict: every fused weight has its unfused counterpart
+    return fused
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_fused_layers_compute_what_the_separate_layers_compute_from_the_same_weights(cell):
+    torch.manual_seed(0)
+    lm_kwargs = dict(vocab_size=VOCAB, embed_dim=8, hidden_dim=12, num_layers=3, dropout=0.2, cell=cell)
+    lm = models.RecurrentLM(**lm_kwargs)
+    fused_lm = _fused_from(lm, **lm_kwargs)
+    assert type(fused_lm.rnn) is type(lm.layers[0]) and fused_lm.rnn.num_layers == 3
+    assert fused_lm.rnn.dropout == 0.2 and not hasattr(fused_lm, "layers")
+    x = torch.randint(0, VOCAB, (4, 9))
+    parity_kwargs = dict(embed_dim=4, hidden_dim=6, num_layers=3, cell=cell, packed=True)
+    parity = models.ParityRNN(**parity_kwargs)
+    fused_parity = _fused_from(parity, **parity_kwargs)
+    bits, lengths = _padded_bits([1, 4, 9, 6], 9)
+    with torch.no_grad():
+        assert torch.allclose(fused_lm.eval()(x), lm.eval()(x), atol=1e-6, rtol=0)
+        assert torch.allclose(fused_parity.eval()(bits, lengths), parity.eval()(bits, lengths), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rnn_lm", "lstm_lm", "gru_lm", "copy_rnn", "parity_rnn"])
+def test_fused_with_a_carried_state_is_refused_naming_both_keys(name):
+    from repguide.errors import ModelError
+
+    with pytest.raises(ModelError, match="initial_state='carry' cannot go with fused=True"):
+        create(name, **_tiny(name).kwargs, fused=True, initial_state="carry")
+    assert create(name, **_tiny(name).kwargs, fused=True).fused
+
+
+def test_packed_and_fused_are_parity_rnn_switches_only_and_off_by_default():
+    assert {"packed", "fused"} <= models.accepted_kwargs("parity_rnn")
+    for name in ("rnn_lm", "lstm_lm", "gru_lm", "copy_rnn"):
+        assert "fused" in models.accepted_kwargs(name) and "packed" not in models.accepted_kwargs(name)
+    default = models.parity_rnn()
+    assert not default.packed and not default.fused
+    # The default's state_dict is what it was before the switches existed.
+    layer = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    assert list(default.state_dict()) == (
+        ["embed.weight"] + [f"layers.{i}.{p}" for i in range(2) for p in layer] + ["head.weight", "head.bias"]
+    )
+    torch.manual_seed(0)
+    off = models.parity_rnn(packed=False, fused=False)
+    torch.manual_seed(0)
+    plain = models.parity_rnn()
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    assert torch.equal(off(x, lengths), plain(x, lengths))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_packed_parity_rnn_runs_each_recurrent_module_once_on_a_packed_sequence(fused):
+    model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, packed=True, fused=fused)
+    inputs = []
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module.register_forward_pre_hook(lambda m, args: inputs.append(type(args[0])))
+    model(*_padded_bits([1, 4, 9, 6], 9))
+    assert inputs == [PackedSequence] * (1 if fused else 3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_guidance_captures_a_packed_parity_rnn_s_layers_as_zero_past_each_length(fused):
+    import repguide as rg
+    from repguide.capture import Capture
+
+    torch.manual_seed(0)
+    guide = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, packed=True, fused=fused).eval()
+    x, lengths = _padded_bits([9, 4, 1, 6], 9)
+    names = [f"rnn.layer{i}" for i in range(3)] if fused else [f"layers.{i}" for i in range(3)]
+    assert [info.name for info in rg.capture.discover(guide, x, lengths)][:3] == names
+    capture = Capture(guide, names)
+    with torch.no_grad(), capture.record(4) as acts:
+        guide(x, lengths)
+    for name in names:
+        assert acts[name].shape == (4, 9, 6)
+        assert (acts[name].abs().sum(-1) > 0).equal(torch.arange(9) < lengths[:, None]), name
+    target = models.parity_transformer(dim=16, depth=2, heads=2)
+    guidance = rg.Guidance(target, guide, pairs=[("blocks.0.attn.qkv", names[0])], example_input=(x, lengths))
+    out = guidance(x, lengths)
+    assert out.output.shape == (4, 2) and torch.isfinite(out.loss) and len(out.similarities) == 1
 
 
 def test_transformer_lm_rejects_sequences_longer_than_max_len():
