@@ -633,6 +633,54 @@ def test_post_norm_block_equals_torch_encoder_layer_with_the_same_weights():
         assert torch.allclose(ours(x), ref(x, src_mask=mask, is_causal=True), atol=1e-5)
 
 
+def test_relu_block_mlp_is_fc2_of_relu_of_fc1_and_gelu_stays_the_default():
+    torch.manual_seed(0)
+    relu = models.transformer_lm(VOCAB, dim=16, depth=1, heads=2, activation="relu").blocks[0].mlp
+    assert type(relu.act) is nn.ReLU
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(relu(x), relu.fc2(torch.clamp(relu.fc1(x), min=0)))
+    torch.manual_seed(0)
+    default = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2)
+    torch.manual_seed(0)
+    gelu = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2, activation="gelu")
+    assert type(default.blocks[0].mlp.act) is nn.GELU
+    assert [n for n, _ in default.blocks[0].mlp.named_children()] == ["fc1", "act", "fc2", "drop"]
+    assert list(default.state_dict()) == list(gelu.state_dict())
+    tokens = torch.randint(0, VOCAB, (3, 7))
+    assert torch.equal(default(tokens), gelu(tokens))
+
+
+def test_post_norm_relu_parity_block_equals_torch_s_default_encoder_layer_on_the_valid_positions():
+    """Independent reference: ``nn.TransformerEncoderLayer`` with its defaults (post-LN, ReLU), the
+    official parity Transformer's layer, bidirectional with a key-padding mask."""
+    torch.manual_seed(0)
+    dim, heads, mlp = 16, 2, 32
+    model = models.parity_transformer(dim=dim, depth=1, heads=heads, mlp_dim=mlp, norm="post", activation="relu")
+    ours = model.blocks[0]
+    ref = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        ref.self_attn.out_proj.load_state_dict(ours.attn.proj.state_dict())
+        for mine, theirs in (("mlp.fc1", "linear1"), ("mlp.fc2", "linear2"), ("norm1", "norm1"), ("norm2", "norm2")):
+            ref.get_submodule(theirs).load_state_dict(ours.get_submodule(mine).state_dict())
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 9, dim)
+    valid = torch.arange(9) < torch.tensor([1, 4, 9, 6])[:, None]
+    assert torch.allclose(ours(x, valid)[valid], ref(x, src_key_padding_mask=~valid)[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "copy_transformer", "parity_transformer"])
+def test_every_transformer_builder_takes_activation_and_refuses_an_unknown_one(name):
+    from repguide.errors import ModelError
+
+    model = create(name, **TINY[name].kwargs, activation="relu")
+    assert all(type(block.mlp.act) is nn.ReLU for block in model.blocks)
+    with pytest.raises(ModelError, match="activation must be one of 'gelu', 'relu', got 'tanh'"):
+        create(name, **TINY[name].kwargs, activation="tanh")
+
+
 def test_official_switches_scale_embeddings_keep_torch_init_and_drop_the_final_norm():
     torch.manual_seed(0)
     small = models.copy_transformer(dim=64)
