@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 
 NORMS = ("pre", "post")  # where a block's LayerNorms sit
-INITS = ("small", "torch")
-MEMORIES = ("none", "causal", "unmasked")  # cross-attention to the stack's input, and its mask  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+INITS = ("small", "torch")  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+MEMORIES = ("none", "causal", "unmasked")  # cross-attention to the stack's input, and its mask
 # The MLP's nonlinearity: GELU, or ReLU as in nn.TransformerEncoderLayer's default (the official code's).
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
