@@ -3,12 +3,14 @@ and the properties the paper's comparisons rely on hold (causality, untied layer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from repguide import data, models
 from repguide.models import create, list_models
@@ -159,7 +161,8 @@ def test_create_passes_keyword_arguments_to_the_factory():
 
 def test_accepted_kwargs_lists_the_factory_knobs():
     assert models.accepted_kwargs("parity_rnn") == {
-        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id", "initial_state"
+        "vocab_size", "embed_dim", "hidden_dim", "num_layers", "dropout", "cell", "pad_id", "initial_state",
+        "packed", "fused",
     }
     assert "num_classes" in models.accepted_kwargs("resnet18")
     with pytest.raises(ValueError, match="Did you mean 'vit'"):
@@ -419,6 +422,147 @@ def test_a_recipe_sets_initial_state_through_model_kwargs():
     assert build_model(load_recipe("copy_rnn_baseline", "tiny").model, splits, 0).initial_state == "zeros"
 
 
+# --------------------------------------------------------------------------------------------
+# Sequence models: the official parity guide's switches (packed, fused)
+
+
+def _padded_bits(lengths: list[int], t: int) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor(lengths)
+    return torch.randint(0, 2, (len(lengths), t)).masked_fill(torch.arange(t) >= lengths[:, None], 2), lengths
+
+
+def _each_string_alone(model: nn.Module, x: Tensor, lengths: Tensor) -> list[Tensor]:
+    """Independent reference for ``packed``: each string's top-layer outputs ``(L, hidden)``, from
+    its L valid tokens alone (no padding, no packing) through the model's own modules."""
+    modules = [model.rnn] if model.fused else list(model.layers)
+    outputs = []
+    for row, length in zip(x, lengths.tolist()):
+        h, state = model.embed(row[None, :length]), None
+        for module in modules:
+            h, final = module(h) if state is None else module(h, state)
+            state = final if model.initial_state == "carry" else None
+        outputs.append(h[0])
+    return outputs
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("switches", [dict(), dict(initial_state="carry"), dict(fused=True)], ids=str)
+def test_packed_parity_rnn_equals_each_string_run_alone_and_is_zero_past_its_length(cell, switches):
+    torch.manual_seed(0)
+    model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, cell=cell, packed=True, **switches)
+    model = model.double().eval()
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    with torch.no_grad():
+        h, logits = model.features(x, lengths), model(x, lengths)
+        reference = _each_string_alone(model, x, lengths)
+    assert h.shape == (4, 9, 6)
+    for i, (ref, length) in enumerate(zip(reference, lengths.tolist())):
+        assert torch.allclose(h[i, :length], ref, atol=1e-10, rtol=0)
+        assert torch.equal(h[i, length:], torch.zeros_like(h[i, length:]))
+        assert torch.allclose(logits[i], model.head(ref[-1]), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(initial_state="carry"), dict(fused=True)], ids=str)
+def test_packed_parity_logits_ignore_the_padding_tokens_and_unpacked_carry_does_not(switches):
+    torch.manual_seed(0)
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    garbage = torch.where(torch.arange(9) >= lengths[:, None], torch.randint(0, 2, (4, 9)), x)
+    for packed in (True, False):
+        torch.manual_seed(1)
+        model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=2, packed=packed, **switches).eval()
+        with torch.no_grad():
+            same = torch.allclose(model(x, lengths), model(garbage, lengths), atol=1e-6, rtol=0)
+        # Unpacked, only the carried state runs through the padding into the read-out.
+        assert same == (packed or switches.get("initial_state") != "carry"), packed
+
+
+def _fused_from(unfused: nn.Module, **kwargs: object) -> nn.Module:
+    """The fused twin of ``unfused``: ``layers.k.weight_ih_l0`` → ``rnn.weight_ih_l{k}`` and so on."""
+    fused = type(unfused)(**kwargs, fused=True)
+    renamed = {re.sub(r"^layers\.(\d+)\.(\w+)_l0$", r"rnn.\2_l\1", k): v for k, v in unfused.state_dict().items()}
+    fused.load_state_dict(renamed)  # strict: every fused weight has its unfused counterpart
+    return fused
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_fused_layers_compute_what_the_separate_layers_compute_from_the_same_weights(cell):
+    torch.manual_seed(0)
+    lm_kwargs = dict(vocab_size=VOCAB, embed_dim=8, hidden_dim=12, num_layers=3, dropout=0.2, cell=cell)
+    lm = models.RecurrentLM(**lm_kwargs)
+    fused_lm = _fused_from(lm, **lm_kwargs)
+    assert type(fused_lm.rnn) is type(lm.layers[0]) and fused_lm.rnn.num_layers == 3
+    assert fused_lm.rnn.dropout == 0.2 and not hasattr(fused_lm, "layers")
+    x = torch.randint(0, VOCAB, (4, 9))
+    parity_kwargs = dict(embed_dim=4, hidden_dim=6, num_layers=3, cell=cell, packed=True)
+    parity = models.ParityRNN(**parity_kwargs)
+    fused_parity = _fused_from(parity, **parity_kwargs)
+    bits, lengths = _padded_bits([1, 4, 9, 6], 9)
+    with torch.no_grad():
+        assert torch.allclose(fused_lm.eval()(x), lm.eval()(x), atol=1e-6, rtol=0)
+        assert torch.allclose(fused_parity.eval()(bits, lengths), parity.eval()(bits, lengths), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rnn_lm", "lstm_lm", "gru_lm", "copy_rnn", "parity_rnn"])
+def test_fused_with_a_carried_state_is_refused_naming_both_keys(name):
+    from repguide.errors import ModelError
+
+    with pytest.raises(ModelError, match="initial_state='carry' cannot go with fused=True"):
+        create(name, **_tiny(name).kwargs, fused=True, initial_state="carry")
+    assert create(name, **_tiny(name).kwargs, fused=True).fused
+
+
+def test_packed_and_fused_are_parity_rnn_switches_only_and_off_by_default():
+    assert {"packed", "fused"} <= models.accepted_kwargs("parity_rnn")
+    for name in ("rnn_lm", "lstm_lm", "gru_lm", "copy_rnn"):
+        assert "fused" in models.accepted_kwargs(name) and "packed" not in models.accepted_kwargs(name)
+    default = models.parity_rnn()
+    assert not default.packed and not default.fused
+    # The default's state_dict is what it was before the switches existed.
+    layer = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    assert list(default.state_dict()) == (
+        ["embed.weight"] + [f"layers.{i}.{p}" for i in range(2) for p in layer] + ["head.weight", "head.bias"]
+    )
+    torch.manual_seed(0)
+    off = models.parity_rnn(packed=False, fused=False)
+    torch.manual_seed(0)
+    plain = models.parity_rnn()
+    x, lengths = _padded_bits([1, 4, 9, 6], 9)
+    assert torch.equal(off(x, lengths), plain(x, lengths))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_packed_parity_rnn_runs_each_recurrent_module_once_on_a_packed_sequence(fused):
+    model = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, packed=True, fused=fused)
+    inputs = []
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module.register_forward_pre_hook(lambda m, args: inputs.append(type(args[0])))
+    model(*_padded_bits([1, 4, 9, 6], 9))
+    assert inputs == [PackedSequence] * (1 if fused else 3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_guidance_captures_a_packed_parity_rnn_s_layers_as_zero_past_each_length(fused):
+    import repguide as rg
+    from repguide.capture import Capture
+
+    torch.manual_seed(0)
+    guide = models.parity_rnn(embed_dim=4, hidden_dim=6, num_layers=3, packed=True, fused=fused).eval()
+    x, lengths = _padded_bits([9, 4, 1, 6], 9)
+    names = [f"rnn.layer{i}" for i in range(3)] if fused else [f"layers.{i}" for i in range(3)]
+    assert [info.name for info in rg.capture.discover(guide, x, lengths)][:3] == names
+    capture = Capture(guide, names)
+    with torch.no_grad(), capture.record(4) as acts:
+        guide(x, lengths)
+    for name in names:
+        assert acts[name].shape == (4, 9, 6)
+        assert (acts[name].abs().sum(-1) > 0).equal(torch.arange(9) < lengths[:, None]), name
+    target = models.parity_transformer(dim=16, depth=2, heads=2)
+    guidance = rg.Guidance(target, guide, pairs=[("blocks.0.attn.qkv", names[0])], example_input=(x, lengths))
+    out = guidance(x, lengths)
+    assert out.output.shape == (4, 2) and torch.isfinite(out.loss) and len(out.similarities) == 1
+
+
 def test_transformer_lm_rejects_sequences_longer_than_max_len():
     model = models.transformer_lm(VOCAB, dim=16, depth=1, heads=2, max_len=8)
     with pytest.raises(ValueError, match="max_len"):
@@ -487,6 +631,54 @@ def test_post_norm_block_equals_torch_encoder_layer_with_the_same_weights():
     mask = nn.Transformer.generate_square_subsequent_mask(7)
     with torch.no_grad():
         assert torch.allclose(ours(x), ref(x, src_mask=mask, is_causal=True), atol=1e-5)
+
+
+def test_relu_block_mlp_is_fc2_of_relu_of_fc1_and_gelu_stays_the_default():
+    torch.manual_seed(0)
+    relu = models.transformer_lm(VOCAB, dim=16, depth=1, heads=2, activation="relu").blocks[0].mlp
+    assert type(relu.act) is nn.ReLU
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(relu(x), relu.fc2(torch.clamp(relu.fc1(x), min=0)))
+    torch.manual_seed(0)
+    default = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2)
+    torch.manual_seed(0)
+    gelu = models.transformer_lm(VOCAB, dim=16, depth=2, heads=2, activation="gelu")
+    assert type(default.blocks[0].mlp.act) is nn.GELU
+    assert [n for n, _ in default.blocks[0].mlp.named_children()] == ["fc1", "act", "fc2", "drop"]
+    assert list(default.state_dict()) == list(gelu.state_dict())
+    tokens = torch.randint(0, VOCAB, (3, 7))
+    assert torch.equal(default(tokens), gelu(tokens))
+
+
+def test_post_norm_relu_parity_block_equals_torch_s_default_encoder_layer_on_the_valid_positions():
+    """Independent reference: ``nn.TransformerEncoderLayer`` with its defaults (post-LN, ReLU), the
+    official parity Transformer's layer, bidirectional with a key-padding mask."""
+    torch.manual_seed(0)
+    dim, heads, mlp = 16, 2, 32
+    model = models.parity_transformer(dim=dim, depth=1, heads=heads, mlp_dim=mlp, norm="post", activation="relu")
+    ours = model.blocks[0]
+    ref = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        ref.self_attn.out_proj.load_state_dict(ours.attn.proj.state_dict())
+        for mine, theirs in (("mlp.fc1", "linear1"), ("mlp.fc2", "linear2"), ("norm1", "norm1"), ("norm2", "norm2")):
+            ref.get_submodule(theirs).load_state_dict(ours.get_submodule(mine).state_dict())
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 9, dim)
+    valid = torch.arange(9) < torch.tensor([1, 4, 9, 6])[:, None]
+    assert torch.allclose(ours(x, valid)[valid], ref(x, src_key_padding_mask=~valid)[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "copy_transformer", "parity_transformer"])
+def test_every_transformer_builder_takes_activation_and_refuses_an_unknown_one(name):
+    from repguide.errors import ModelError
+
+    model = create(name, **TINY[name].kwargs, activation="relu")
+    assert all(type(block.mlp.act) is nn.ReLU for block in model.blocks)
+    with pytest.raises(ModelError, match="activation must be one of 'gelu', 'relu', got 'tanh'"):
+        create(name, **TINY[name].kwargs, activation="tanh")
 
 
 def test_official_switches_scale_embeddings_keep_torch_init_and_drop_the_final_norm():

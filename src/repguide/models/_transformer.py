@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 
 NORMS = ("pre", "post")  # where a block's LayerNorms sit
-INITS = ("small", "torch")
-MEMORIES = ("none", "causal", "unmasked")  # cross-attention to the stack's input, and its mask  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+INITS = ("small", "torch")  # init_weights' GPT-2-style N(0, 0.02), or PyTorch's own module init
+MEMORIES = ("none", "causal", "unmasked")  # cross-attention to the stack's input, and its mask
+# The MLP's nonlinearity: GELU, or ReLU as in nn.TransformerEncoderLayer's default (the official code's).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 class SelfAttention(nn.Module):
@@ -88,7 +90,9 @@ class TransformerBlock(nn.Module):
     ``memory`` other than ``"none"`` adds a cross-attention sub-layer (``cross``, with ``norm_cross``)
     between the two, attending the stack's input passed as ``memory``: as the official copy-paste
     guide's ``nn.TransformerDecoderLayer`` did with its own input, ``"unmasked"`` (every position
-    sees the whole input, future tokens included) or ``"causal"``. For the official layer rule
+    sees the whole input, future tokens included) or ``"causal"``. ``activation`` is the MLP's
+    nonlinearity (``mlp.act``): ``"gelu"`` or ``"relu"``, ``nn.TransformerEncoderLayer``'s default,
+    which the official parity Transformer used. For the official layer rule
     (``layers="official"``) a block with memory stands for that ``nn.TransformerDecoderLayer``, one
     without for an ``nn.TransformerEncoderLayer`` (which the official code did not record).
     """
@@ -97,12 +101,17 @@ class TransformerBlock(nn.Module):
         self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False,
         norm: str = "pre",
         memory: str = "none",
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ModelError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
         if memory not in MEMORIES:
             raise ModelError(f"memory must be one of {', '.join(map(repr, MEMORIES))}, got {memory!r}")
+        if activation not in ACTIVATIONS:
+            raise ModelError(
+                f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}"
+            )
         self.post_norm = norm == "post"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, dropout, causal)
@@ -111,7 +120,7 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(
             OrderedDict(
                 fc1=nn.Linear(dim, mlp_dim),
-                act=nn.GELU(),
+                act=ACTIVATIONS[activation](),
                 fc2=nn.Linear(mlp_dim, dim),
                 drop=nn.Dropout(dropout),
             )
@@ -142,6 +151,7 @@ def make_blocks(
     depth: int, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool, tie: bool = False,
     norm: str = "pre",
     memory: str = "none",
+    activation: str = "gelu",
 ) -> nn.ModuleList:
     """``depth`` blocks, each with its own weights unless ``tie``.
 
@@ -150,7 +160,7 @@ def make_blocks(
     which made the layers indistinguishable).
     """
     blocks = nn.ModuleList(
-        TransformerBlock(dim, heads, mlp_dim, dropout, causal, norm, memory) for _ in range(depth)
+        TransformerBlock(dim, heads, mlp_dim, dropout, causal, norm, memory, activation) for _ in range(depth)
     )
     if tie:
         for block in blocks[1:]:

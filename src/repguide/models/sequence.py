@@ -14,6 +14,7 @@ from repguide.errors import ModelError
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from repguide.models._registry import register
 
@@ -31,6 +32,7 @@ _CELLS = {"rnn": partial(nn.RNN, nonlinearity="tanh"), "lstm": nn.LSTM, "gru": n
 # Where each layer's recurrence starts: "zeros" (every layer from a zero state) or "carry" (layer
 # k+1 from layer k's final state, as the official code did; see _RecurrentNet).
 INITIAL_STATES = ("zeros", "carry")
+State = Tensor | tuple[Tensor, Tensor] | None  # a recurrent module's (h) or (h, c) state; None: zeros
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,6 +48,12 @@ class _RecurrentNet(nn.Module):
     position of the layers above the first sees every token, future ones included (and, in a padded
     parity batch, the padding after a string's end). Each layer is still one module called once
     per forward.
+
+    ``fused=True`` is the official parity guide's form: one multi-layer module ``rnn``
+    (``nn.RNN(..., num_layers=k, dropout=dropout)``, LSTM/GRU likewise) in place of ``layers``.
+    It computes what the separate layers compute from the same weights (``rnn.weight_ih_l{k}`` is
+    ``layers.{k}.weight_ih_l0``), but every layer starts from zeros, so ``initial_state="carry"``
+    is refused; capture names its layers ``rnn.layer0``, ``rnn.layer1``, ….
     """
 
     def __init__(
@@ -59,6 +67,7 @@ class _RecurrentNet(nn.Module):
         out_features: int,
         padding_idx: int | None = None,
         initial_state: str = "zeros",
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if cell not in _CELLS:
@@ -67,32 +76,61 @@ class _RecurrentNet(nn.Module):
             raise ModelError(
                 f"initial_state must be one of {', '.join(map(repr, INITIAL_STATES))}, got {initial_state!r}"
             )
+        if fused and initial_state == "carry":
+            raise ModelError(
+                "initial_state='carry' cannot go with fused=True: a fused multi-layer module starts every "
+                "layer from zeros; use initial_state='zeros' with fused=True, or fused=False with 'carry'"
+            )
         self.initial_state = initial_state
+        self.fused = fused
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
-        # Separate single-layer modules, not one multi-layer nn.RNN, so each layer has its own
-        # name for hooks.
-        self.layers = nn.ModuleList(
-            _CELLS[cell](embed_dim if i == 0 else hidden_dim, hidden_dim, batch_first=True)
-            for i in range(num_layers)
-        )
+        if fused:
+            # Dropout between the layers only where there are two (nn.RNN warns otherwise); the
+            # top layer's dropout is applied in features, as for the separate layers.
+            self.rnn = _CELLS[cell](
+                embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+            )
+        else:
+            # Separate single-layer modules, not one multi-layer nn.RNN, so each layer has its own
+            # name for hooks.
+            self.layers = nn.ModuleList(
+                _CELLS[cell](embed_dim if i == 0 else hidden_dim, hidden_dim, batch_first=True)
+                for i in range(num_layers)
+            )
         self.dropout = dropout
         self.head = nn.Linear(hidden_dim, out_features)
 
-    def features(self, x: Tensor) -> Tensor:
-        """``x: (n, T)`` tokens → top layer's outputs ``(n, T, hidden_dim)``."""
+    def features(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``x: (n, T)`` tokens → top layer's outputs ``(n, T, hidden_dim)``.
+
+        With ``lengths: (n,)`` every recurrent module runs on the sequences packed to those lengths,
+        so its outputs are 0 past each length and its final state is the state at each length.
+        """
         h = self.embed(x)
+        if self.fused:
+            return F.dropout(_run_recurrent(self.rnn, h, None, lengths)[0], self.dropout, self.training)
         state = None
         for layer in self.layers:
             # With "zeros" no initial state is passed, so every layer starts from zeros. The
             # official code ("carry") started layer i+1 from layer i's final state, a summary of
             # the whole sequence, which leaks future tokens into every position.
-            h, final = layer(h) if state is None else layer(h, state)
+            h, final = _run_recurrent(layer, h, state, lengths)
             if self.initial_state == "carry":
                 state = final
             # Functional, not a module: one Dropout module called after every layer would fire
             # its forward hooks once per layer.
             h = F.dropout(h, self.dropout, self.training)
         return h
+
+
+def _run_recurrent(module: nn.RNNBase, h: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+    """``module`` on ``h: (n, T, d)`` from ``state`` (None: zeros): its outputs ``(n, T, hidden)`` and
+    final state; packed to ``lengths: (n,)`` when given, the outputs padded back to T with zeros."""
+    if lengths is not None:
+        packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, final = module(packed) if state is None else module(packed, state)
+        return pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])[0], final
+    return module(h) if state is None else module(h, state)
 
 
 class RecurrentLM(_RecurrentNet):
@@ -107,9 +145,11 @@ class RecurrentLM(_RecurrentNet):
         dropout: float = 0.0,
         cell: str = "rnn",
         initial_state: str = "zeros",
+        fused: bool = False,
     ) -> None:
         super().__init__(
-            vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, vocab_size, initial_state=initial_state
+            vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, vocab_size,
+            initial_state=initial_state, fused=fused,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -138,6 +178,11 @@ class ParityRNN(_RecurrentNet):
     ``initial_state="zeros"`` the layers are causal, so that state never sees the padding after it;
     no packing is needed. (With ``"carry"`` the layers above the first start from a state that has
     run through the padding.)
+
+    ``packed=True`` is the official parity guide's form: each recurrent module runs on a
+    ``PackedSequence`` of the true lengths, so its outputs are exactly 0 past each length (still
+    ``(n, T, hidden_dim)``) and, with ``"carry"``, the state carried up is each string's state at its
+    own end.
     """
 
     def __init__(
@@ -150,12 +195,17 @@ class ParityRNN(_RecurrentNet):
         cell: str = "rnn",
         pad_id: int = 2,
         initial_state: str = "zeros",
+        packed: bool = False,
+        fused: bool = False,
     ) -> None:
-        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, 2, pad_id, initial_state)
+        super().__init__(
+            vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, 2, pad_id, initial_state, fused
+        )
+        self.packed = packed
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         lengths = check_lengths(x, lengths)
-        h = self.features(x)
+        h = self.features(x, lengths if self.packed else None)
         return self.head(h[torch.arange(x.shape[0], device=x.device), lengths - 1])
 
 
@@ -168,13 +218,16 @@ def rnn_lm(
     dropout: float = 0.0,
     cell: str = "rnn",
     initial_state: str = "zeros",
+    fused: bool = False,
 ) -> RecurrentLM:
     """Stacked recurrent LM; ``cell`` is ``"rnn"`` (tanh), ``"lstm"`` or ``"gru"``.
 
     ``initial_state``: ``"zeros"`` (every layer starts from zeros; causal) or ``"carry"`` (layer
     k+1 starts from layer k's final state, the official code's leak of future tokens).
+    ``fused``: one multi-layer module ``rnn`` instead of the single-layer ``layers.i`` (the
+    official parity guide's form; its layers all start from zeros, so not with ``"carry"``).
     """
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state)
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state, fused)
 
 
 @register("lstm_lm")
@@ -185,9 +238,10 @@ def lstm_lm(
     num_layers: int = 2,
     dropout: float = 0.0,
     initial_state: str = "zeros",
+    fused: bool = False,
 ) -> RecurrentLM:
     """:func:`rnn_lm` with LSTM layers."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "lstm", initial_state)
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "lstm", initial_state, fused)
 
 
 @register("gru_lm")
@@ -198,9 +252,10 @@ def gru_lm(
     num_layers: int = 2,
     dropout: float = 0.0,
     initial_state: str = "zeros",
+    fused: bool = False,
 ) -> RecurrentLM:
     """:func:`rnn_lm` with GRU layers."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "gru", initial_state)
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, "gru", initial_state, fused)
 
 
 @register("copy_rnn")
@@ -212,10 +267,11 @@ def copy_rnn(
     dropout: float = 0.0,
     cell: str = "rnn",
     initial_state: str = "zeros",
+    fused: bool = False,
 ) -> RecurrentLM:
     """:func:`rnn_lm` at copy-paste size: the paper's RNN target on copy-paste (``initial_state``
-    as there; ``"carry"`` is the official RNN's)."""
-    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state)
+    and ``fused`` as there; ``"carry"`` is the official RNN's)."""
+    return RecurrentLM(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, initial_state, fused)
 
 
 @register("parity_rnn")
@@ -228,8 +284,21 @@ def parity_rnn(
     cell: str = "rnn",
     pad_id: int = 2,
     initial_state: str = "zeros",
+    packed: bool = False,
+    fused: bool = False,
 ) -> ParityRNN:
     """The paper's parity RNN (the guide on parity): bits 0/1 and ``pad_id``, → 2 logits.
+
     ``initial_state`` as in :func:`rnn_lm`. (The official parity RNN was one multi-layer ``nn.RNN``,
-    whose layers all start from zeros; ``"carry"`` is the official *stacked* RNNs' behaviour.)"""
-    return ParityRNN(vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, pad_id, initial_state)
+    whose layers all start from zeros; ``"carry"`` is the official *stacked* RNNs' behaviour.)
+    Two switches, off by default, build the official parity guide: ``packed=True`` runs every
+    recurrent module on a ``PackedSequence`` of the true lengths, as the official code did, so its
+    outputs are exactly 0 past each string's length (the default runs through the padding, which
+    the causal layers' outputs before a length never see); ``fused=True`` makes the layers one
+    multi-layer module ``rnn`` (``nn.RNN(num_layers=num_layers)``), as the official code did, whose
+    layers capture names ``rnn.layer0`` … (not with ``initial_state="carry"``). The official guide
+    is ``num_layers=4, packed=True, fused=True``.
+    """
+    return ParityRNN(
+        vocab_size, embed_dim, hidden_dim, num_layers, dropout, cell, pad_id, initial_state, packed, fused
+    )

@@ -32,7 +32,8 @@ class _TransformerNet(nn.Module):
     ``norm="post"`` (LayerNorm after each residual sum), ``scale_embeddings=True`` (token embeddings
     times √dim), ``init="torch"`` (PyTorch's module init) and ``memory`` (``"unmasked"``: every block
     also attends the stack's input, future tokens included, as the official copy-paste guide's
-    decoder layers did; ``"causal"``: the same, masked).
+    decoder layers did; ``"causal"``: the same, masked). ``activation="relu"`` is the official
+    parity Transformer's MLP nonlinearity (``nn.TransformerEncoderLayer``'s default) in place of GELU.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class _TransformerNet(nn.Module):
         scale_embeddings: bool = False,
         init: str = "small",
         memory: str = "none",
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.max_len = max_len
@@ -62,7 +64,7 @@ class _TransformerNet(nn.Module):
         self.pos = make_positions(positions, max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = make_blocks(
-            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers, norm, memory
+            depth, dim, heads, mlp_dim or 4 * dim, dropout, causal, tie_layers, norm, memory, activation
         )
         # A post-norm stack already ends in a LayerNorm.
         self.norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
@@ -100,12 +102,13 @@ class TransformerLM(_TransformerNet):
         scale_embeddings: bool = False,
         init: str = "small",
         memory: str = "none",
+        activation: str = "gelu",
     ) -> None:
         super().__init__(
             vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
             causal=True,
             out_features=vocab_size,
-            norm=norm, scale_embeddings=scale_embeddings, init=init, memory=memory,
+            norm=norm, scale_embeddings=scale_embeddings, init=init, memory=memory, activation=activation,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,13 +137,14 @@ class ParityTransformer(_TransformerNet):
         norm: str = "pre",
         scale_embeddings: bool = False,
         init: str = "small",
+        activation: str = "gelu",
     ) -> None:
         super().__init__(
             vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
             causal=False,
             out_features=2,
             padding_idx=pad_id,
-            norm=norm, scale_embeddings=scale_embeddings, init=init,
+            norm=norm, scale_embeddings=scale_embeddings, init=init, activation=activation,
         )
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -166,16 +170,19 @@ def transformer_lm(
     scale_embeddings: bool = False,
     init: str = "small",
     memory: str = "none",
+    activation: str = "gelu",
 ) -> TransformerLM:
     """Causal Transformer LM, pre-norm by default.
 
     ``mlp_dim`` defaults to ``4 * dim``; ``positions`` is ``"learned"`` or ``"sinusoidal"``;
     ``tie_layers`` shares one set of block weights across depth; ``norm``, ``scale_embeddings``,
-    ``init`` and ``memory`` are the official code's switches (see ``_TransformerNet``).
+    ``init`` and ``memory`` are the official code's switches (see ``_TransformerNet``);
+    ``activation`` is the MLP's nonlinearity, ``"gelu"`` or ``"relu"`` (``nn.TransformerEncoderLayer``'s
+    default, the official parity Transformer's).
     """
     return TransformerLM(
         vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
-        norm, scale_embeddings, init, memory,
+        norm, scale_embeddings, init, memory, activation,
     )
 
 
@@ -194,14 +201,16 @@ def copy_transformer(
     scale_embeddings: bool = False,
     init: str = "small",
     memory: str = "none",
+    activation: str = "gelu",
 ) -> TransformerLM:
     """:func:`transformer_lm` at copy-paste size: the paper's Transformer guide on copy-paste
     (sinusoidal positions as in the official code, but truly causal and with untied layers;
     ``norm="post", scale_embeddings=True, init="torch", memory="unmasked"`` build it as the
-    official code did)."""
+    official code did; ``activation="relu"`` is the MLP nonlinearity of PyTorch's Transformer
+    layers by default)."""
     return TransformerLM(
         vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers,
-        norm, scale_embeddings, init, memory,
+        norm, scale_embeddings, init, memory, activation,
     )
 
 
@@ -220,10 +229,13 @@ def parity_transformer(
     norm: str = "pre",
     scale_embeddings: bool = False,
     init: str = "small",
+    activation: str = "gelu",
 ) -> ParityTransformer:
     """The paper's parity Transformer target: encoder, masked mean-pool, → 2 logits
-    (``norm``, ``scale_embeddings``, ``init``: the official code's switches, see ``_TransformerNet``)."""
+    (``norm``, ``scale_embeddings``, ``init``: the official code's switches, see ``_TransformerNet``;
+    ``activation="relu"``: the MLP's ReLU of the official code's ``nn.TransformerEncoderLayer``, in
+    place of the default GELU)."""
     return ParityTransformer(
         vocab_size, dim, depth, heads, mlp_dim, max_len, positions, dropout, tie_layers, pad_id,
-        norm, scale_embeddings, init,
+        norm, scale_embeddings, init, activation,
     )
