@@ -600,6 +600,38 @@ def test_guide_mode_must_be_known(tmp_path):
     record("guide-mode", "unknown guide mode (Python)", '`Guidance(..., guide_mode="dropout")`', str(err.value), tmp_path)
 
 
+def test_packed_guide_with_per_position_similarity_or_cache_is_an_error(tmp_path, capsys):
+    recipe = "parity_transformer_untrained_rnn"
+    args = ["run", recipe, "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "guidance.guide.kwargs.packed=true", "guidance.reduction=tokens"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: invalid run config:") and "Traceback" not in err
+    assert "guidance.reduction=tokens compares" in err and "guidance.guide.kwargs.packed=true" in err
+    assert not (tmp_path / "runs").exists()
+    load_recipe(recipe, "tiny", {"guidance.guide.kwargs.packed": True})  # flatten, no cache: fine
+    with pytest.raises(ValueError, match="guidance.cache=true stores"):
+        load_recipe(recipe, "tiny", {"guidance.guide.kwargs.packed": True, "guidance.cache": True})
+    record("packed-tokens", "a packed guide with per-position similarity",
+           "`guidance.guide.kwargs.packed=true guidance.reduction=tokens`", err, tmp_path)
+
+
+def test_fused_recurrent_layers_with_a_carried_state_is_an_error(tmp_path, capsys):
+    args = ["run", "copy_rnn_baseline", "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert main([*args, "model.kwargs.fused=true", "model.kwargs.initial_state=carry"]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert err.startswith("repguide: error: ") and "Traceback" not in err
+    assert "fused" in err and "initial_state" in err and "model.kwargs of 'copy_rnn'" in err
+    record("fused-carry", "one fused multi-layer RNN whose layers should carry their state",
+           "`model.kwargs.fused=true model.kwargs.initial_state=carry`", err, tmp_path)
+
+
+def test_the_cli_offers_every_layer_rule():
+    from repguide import cli
+    from repguide.capture import LAYER_RULES
+
+    assert cli._LAYER_RULES == list(LAYER_RULES)  # spelled out there so --help does not import torch
+
+
 # --------------------------------------------------------------------------------------------
 # docs/errors.md
 
@@ -644,10 +676,3 @@ def test_docs_errors_md_is_the_table_of_these_messages():
     stale = [row for row in table.splitlines() if row not in documented]
     assert not stale, "messages changed: regenerate docs/errors.md (see this file's docstring)\n" + "\n".join(stale)
     assert not re.search(r"/tmp/|pytest-of-", table)
-
-
-def test_the_cli_offers_every_layer_rule():
-    from repguide import cli
-    from repguide.capture import LAYER_RULES
-
-    assert cli._LAYER_RULES == list(LAYER_RULES)  # spelled out there so --help does not import torch

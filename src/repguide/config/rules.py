@@ -138,6 +138,15 @@ def _guidance_problems(config: RunConfig) -> list[str]:
             "guidance.cache=true stores the guide's features of each training example by its position, but "
             "data.kwargs.resample=true draws new examples at every position each epoch; turn the resampling off or the cache off"
         )
+    packed = [f"{key}.kwargs.packed=true" for key, spec in (("model", config.model), ("guidance.guide", gc.guide))
+              if spec is not None and spec.kwargs.get("packed") is True]
+    if packed and (gc.cache or gc.reduction == "tokens"):
+        # A PackedSequence is captured at the batch's longest length, which varies between batches.
+        what = "guidance.cache=true stores" if gc.cache else "guidance.reduction=tokens compares"
+        problems.append(
+            f"{what} features of a fixed number of positions, but {packed[0]} gives its layers' outputs "
+            "at each batch's longest string only; turn packing off, or use guidance.reduction=flatten without the cache"
+        )
     return problems
 
 
