@@ -73,8 +73,9 @@ def fast_modes(k: int = SKETCH_DIM) -> dict[str, dict]:
 
 
 def make_guidance(target, guide, x, workload, options: dict) -> rg.Guidance:
-    """A Guidance with ``options``; a requested guide cache is created and filled on the pool."""
-    options = dict(options)
+    """A Guidance with the workload's and then ``options``; a requested guide cache is created and
+    filled on the pool."""
+    options = {**workload.guidance_options, **options}
     cache = options.pop("guide_cache", False)
     if cache:
         options["guide_cache"] = GuideFeatureCache(len(workload.dataset))
