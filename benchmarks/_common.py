@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -200,6 +200,9 @@ class Workload:
     batch_size: int
     loss: Callable[[Tensor, Tensor], Tensor]
     source: str  # where the data comes from
+    #: Guidance keyword arguments the workload is defined with: (a) and (b) pair the leaf layers
+    #: (their definition in README.md, from before block discovery became the default).
+    guidance_options: dict = field(default_factory=dict)
 
     def batch(self, k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Batch k in a fixed order: ``(x, y, index)``."""
@@ -233,7 +236,7 @@ def fcn_resnet(batch_size: int = 256, depth: int = 24, width: int = 512, guide_w
         f"deep_fcn {depth}x{width} <- resnet18 w{guide_width}, batch {batch_size}",
         lambda: models.create("deep_fcn", depth=depth, width=width),
         lambda: models.resnet18(width=guide_width),
-        dataset, batch_size, _classification_loss, source,
+        dataset, batch_size, _classification_loss, source, {"layers": "leaves"},
     )
 
 
@@ -252,7 +255,7 @@ def lstm_transformer(batch_size: int = 64, context: int = 128, examples: int = 1
         f"lstm_lm 2x256 <- transformer_lm d128x4, {batch_size}x{context} tokens, vocab {vocab}",
         lambda: models.lstm_lm(vocab, hidden_dim=256, num_layers=2),
         lambda: models.transformer_lm(vocab, dim=128, depth=4),
-        _Head(dataset, examples), batch_size, _lm_loss, source,
+        _Head(dataset, examples), batch_size, _lm_loss, source, {"layers": "leaves"},
     )
 
 

@@ -16,7 +16,10 @@ transformers with Guidance defaults, skipped with the reason printed where the d
   process or repeat is needed), also with ``--quick``;
 * the opt-in fast modes: step time, and their error against the exact alignment loss on a batch
   the timing did not use (|Δ loss|, the largest change of one pair's similarity, 1 − cosine
-  between the alignment gradients).
+  between the alignment gradients);
+* with ``--compile``, the exact step with ``Guidance(compile=True)`` (linear CKA's stacked
+  similarity through torch.compile), timed with the others after its compilation, against the same
+  floor: R1 compiled.
 
     bash benchmarks/run.sh step          # or: python benchmarks/bench_step.py [--quick]
     BENCH_DEVICE=cuda bash benchmarks/gpu.sh   # on a CUDA machine (with bench_kernels)
@@ -33,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,10 +47,10 @@ import official_style  # noqa: E402
 from _common import (  # noqa: E402
     CUDA, DEVICE, WORKLOADS, check_environment, interleaved, machine, save, seeded, sync, table,
 )
+from _floor import floor_products, time_products  # noqa: E402
 
 import repguide as rg  # noqa: E402
 from repguide.guidance import GuideFeatureCache  # noqa: E402
-from repguide.similarity.kernel_alignment import use_gram_form  # noqa: E402
 
 SKETCH_DIM = 1024
 FULL = "ab"  # workloads with the official-style step, fast modes and memory; the others get R1 only
@@ -69,8 +73,9 @@ def fast_modes(k: int = SKETCH_DIM) -> dict[str, dict]:
 
 
 def make_guidance(target, guide, x, workload, options: dict) -> rg.Guidance:
-    """A Guidance with ``options``; a requested guide cache is created and filled on the pool."""
-    options = dict(options)
+    """A Guidance with the workload's and then ``options``; a requested guide cache is created and
+    filled on the pool."""
+    options = {**workload.guidance_options, **options}
     cache = options.pop("guide_cache", False)
     if cache:
         options["guide_cache"] = GuideFeatureCache(len(workload.dataset))
@@ -120,71 +125,6 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-
-# --------------------------------------------------------------------------------------------
-# The floor: the products linear CKA needs, each timed alone
-
-
-def floor_products(guidance: rg.Guidance, x: torch.Tensor) -> list[tuple[str, str, tuple, int]]:
-    """``(what, op, dims, count)`` for every product one exact step needs, from the layer widths.
-
-    ``op`` is ``"a@a.T"`` (a: (m, k)), ``"a.T@b"`` (a: (n, p), b: (n, q)) or ``"a@b"`` (m×k @ k×p).
-    """
-    target_capture, guide_capture = guidance._captures["target"], guidance._captures["guide"]
-    n = x.shape[0]
-    with torch.no_grad(), target_capture.record(n) as t_acts, guide_capture.record(n) as g_acts:
-        guidance.target(x)
-        guidance.guide(x)
-    width = {name: a[0].numel() for name, a in {**t_acts, **g_acts}.items()}
-    counts: dict[tuple, int] = {}
-
-    def need(what, op, dims):
-        counts[(what, op, dims)] = counts.get((what, op, dims), 0) + 1
-
-    def self_term(what, d, backward):
-        if d < n:  # d×d cross-product, and x @ (G + Gᵀ) backward
-            need(what, "a.T@b", (n, d, d))
-            if backward:
-                need(what + " backward", "a@b", (n, d, d))
-        else:  # n×n Gram, and (G + Gᵀ) @ x backward
-            need(what, "a@a.T", (n, d))
-            if backward:
-                need(what + " backward", "a@b", (n, n, d))
-
-    guide_self = set()
-    for pair in guidance.pairs:
-        dt, dg = width[pair.target], width[pair.guide]
-        if use_gram_form(n, dt, dg):
-            self_term("target Gram", dt, True)
-            guide_self.add((pair.guide, "guide Gram"))
-        else:
-            need("cross product", "a.T@b", (n, dt, dg))
-            need("cross product backward", "a@b", (n, dg, dt))
-            self_term("target self-product", dt, True)
-            guide_self.add((pair.guide, "guide self-product"))
-    for g, what in guide_self:
-        self_term(what, width[g], False)
-    return [(what, op, dims, c) for (what, op, dims), c in counts.items()]
-
-
-def _product(op: str, dims: tuple):
-    if op == "a@a.T":
-        a = torch.randn(*dims, device=DEVICE)
-        return lambda: a @ a.T
-    if op == "a.T@b":
-        n, p, q = dims
-        a, b = torch.randn(n, p, device=DEVICE), torch.randn(n, q, device=DEVICE)
-        return lambda: a.T @ b
-    m, k, p = dims
-    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, p, device=DEVICE)
-    return lambda: a @ b
-
-
-def time_products(products, repeats: int) -> dict:
-    """Median seconds of each distinct product, each timed alone."""
-    fns = {str((op, dims)): _product(op, dims) for _, op, dims, _ in products}
-    return {k: v["median"] for k, v in interleaved(fns, repeats).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +217,7 @@ def measure_cuda_memory(runner: Runner) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run_workload(key: str, repeats: int, quick: bool) -> dict:
+def run_workload(key: str, repeats: int, quick: bool, compile: bool = False) -> dict:
     workload = WORKLOADS[key]()
     print(f"\n## ({key}) {workload.name}\n\ndata: {workload.source}\n", flush=True)
     try:
@@ -300,6 +240,11 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
         **({"official": Runner(workload, "official", pairs=pairs)} if full else {}),
         **{name: Runner(workload, "fast", options) for name, options in modes.items()},
     }
+    if compile:  # compiled by its first step, outside the timing
+        runners["compiled"] = Runner(workload, "compiled", {"compile": True})
+        t0 = time.perf_counter()
+        runners["compiled"]()
+        compile_s = time.perf_counter() - t0
     timed = interleaved(runners, repeats)
     med = {k: v["median"] for k, v in timed.items()}
     products = floor_products(exact.guidance, exact.x)
@@ -314,6 +259,7 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
         ],
         "floor": floor, "R1": med["exact"] / floor,
         "R2": med["exact"] / med["official"] if full else float("nan"),
+        **({"R1_compiled": med["compiled"] / floor, "compile_seconds": compile_s} if compile else {}),
     }
     rows = [
         ["plain target step", med["plain"] * 1e3, med["plain"] / med["plain"]],
@@ -322,12 +268,17 @@ def run_workload(key: str, repeats: int, quick: bool) -> dict:
          product_total * 1e3, float("nan")],
         ["**floor** (sum of the three)", floor * 1e3, floor / med["plain"]],
         ["**exact guided step**", med["exact"] * 1e3, med["exact"] / med["plain"]],
-    ] + ([["official-style guided step", med["official"] * 1e3, med["official"] / med["plain"]]] if full else []) \
-      + [[f"fast: {name}", med[name] * 1e3, med[name] / med["plain"]] for name in modes]
+    ]
+    extra = ["compiled"] * compile + ["official"] * full + list(modes)
+    names = {"compiled": "exact guided step, compile=True", "official": "official-style guided step"}
+    rows += [[names.get(v, f"fast: {v}"), med[v] * 1e3, med[v] / med["plain"]] for v in extra]
     md = [table(["step", "median ms", "× plain step"], rows)]
     md.append(f"\nR1 = exact / floor = **{result['R1']:.3f}** (goal ≤ 1.05)" + (
         f"; R2 = exact / official = **{result['R2']:.3f}** (goal ≤ 0.40)" if full else
         f" ({len(pairs)} pairs; R1 only on this workload: no official-style step, fast modes or memory)"))
+    if compile:
+        md.append(f"\nR1 compiled = compile=True step / floor = **{result['R1_compiled']:.3f}** "
+                  f"(its first step, compilation included: {compile_s:.1f} s wall)")
     if not full:
         result["markdown"] = "\n".join(md)
         print(result["markdown"], flush=True)
@@ -380,6 +331,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, no memory subprocesses (on CUDA memory is still measured, in-process)")
     parser.add_argument("--workloads", default="abcd")
+    parser.add_argument("--compile", action="store_true", help="also time the exact step with Guidance(compile=True)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -389,8 +341,8 @@ def main() -> None:
     repeats = 5 if args.quick else 9
     results = {"machine": machine(), "workloads": {}}
     print("# bench_step\n", results["machine"])
-    for key in args.workloads:
-        results["workloads"][key] = run_workload(key, repeats, args.quick)
+    for key in args.workloads.replace(",", ""):  # "ac" or "a,c"
+        results["workloads"][key] = run_workload(key, repeats, args.quick, args.compile)
         if CUDA:  # a run cut short by a time limit keeps the workloads it finished
             save("bench_step", results)
     results["machine"]["loadavg_1min_end"] = os.getloadavg()[0]

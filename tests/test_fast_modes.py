@@ -8,6 +8,7 @@ from torch import nn
 import repguide as rg
 from repguide.guidance import GuideFeatureCache
 from repguide.similarity import Prepared, get_measure, sketch
+from repguide.similarity import base
 from repguide.similarity.base import gram_matrix
 
 from _nets import CountForwards, mlp
@@ -74,7 +75,15 @@ def _unit(k):
     return k / k.diagonal().amax()
 
 
-def test_gram_centred_as_a_matrix_matches_centring_the_features():
+@pytest.fixture(params=[True, False], ids=["raw Gram on the CPU", "device path"])
+def gram_path(request, monkeypatch):
+    """Both paths of Prepared.gram_only: the CPU default (raw Gram, host-side check) and the
+    sync-free device path an accelerator takes."""
+    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", request.param)
+    return request.param
+
+
+def test_gram_centred_as_a_matrix_matches_centring_the_features(gram_path):
     torch.manual_seed(0)
     x = torch.relu(torch.randn(32, 700)) + 0.5  # post-ReLU-like: the mean is a good part of the energy
     exact = Prepared(x.double()).gram
@@ -92,15 +101,16 @@ def test_gram_centred_as_a_matrix_matches_centring_the_features():
     torch.randn(16, 50) * 1e-30,  # ... or underflow
     torch.relu(torch.randn(64, 3000)) * 1e-3,  # small, mostly mean
 ])
-def test_gram_only_is_as_precise_as_centring_the_features(x):
-    # Shifted by the first row and scaled by the range on the device: no fallback branch, no sync.
+def test_gram_only_is_as_precise_as_centring_the_features(x, gram_path):
+    # Device path: shifted by the first row and scaled by the range, no fallback branch, no sync;
+    # raw path: these inputs fall back to centring x (all but the last) or pass the host check.
     fast = Prepared.gram_only(x)
     exact = Prepared(x.double()).gram
     assert not bool(fast.constant)
     assert torch.allclose(_unit(fast.gram).double(), _unit(exact), atol=2e-6)
 
 
-def test_gram_only_of_a_constant_input_is_zero_and_of_a_non_finite_one_is_not_finite():
+def test_gram_only_of_a_constant_input_is_zero_and_of_a_non_finite_one_is_not_finite(gram_path):
     fast = Prepared.gram_only(torch.randn(1, 50).repeat(16, 1))
     assert bool(fast.constant) and torch.equal(fast.gram, torch.zeros(16, 16))
     assert bool(Prepared.gram_only(torch.zeros(8, 5)).constant)

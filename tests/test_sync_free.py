@@ -1,6 +1,10 @@
 """A guided step reads no value on the host (issue 14): no ``aten._local_scalar_dense`` (what
 ``.item()``, ``bool()``, ``float()``, ``int()`` call) and no op whose output size depends on values,
-for every measure and fast mode; and the stacked linear CKA equals the per-pair path."""
+for every measure and fast mode; and the stacked linear CKA equals the per-pair path.
+
+The counts are taken on a CPU as a proxy for an accelerator, so the guide's Grams take the device
+path here (``similarity.base.RAW_GRAM_ON_CPU = False``): on a CPU they default to a raw-Gram path
+that decides on the host, where reading a value costs nothing (benchmarks/README.md, log #31)."""
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repguide as rg
-from repguide.similarity import get_measure
+from repguide.similarity import base, get_measure
 from repguide.similarity.fused import linear_cka_stack, unit_centred_gram
 
 aten = torch.ops.aten
@@ -39,6 +43,11 @@ def _nets():
     guide = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
     return target, guide
+
+
+@pytest.fixture(autouse=True)
+def device_path(monkeypatch):
+    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", False)
 
 
 MODES = {f"exact {m}": dict(measure=m) for m in ["cka", "cka_unbiased", "cka_rbf", "rsa", "procrustes"]} | {
@@ -75,6 +84,22 @@ def test_a_guided_step_makes_no_host_sync(mode):
     with _Syncs() as syncs:
         step()
     assert syncs.found == []
+
+
+def test_on_a_cpu_the_guide_grams_are_checked_on_the_host_by_default(monkeypatch):
+    # The CPU default: one host read per guide layer (free there), no pass over x besides its Gram.
+    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", True)
+    target, guide = _nets()
+    x = torch.randn(16, 1, 8, 8)
+    guidance = rg.Guidance(target, guide, pairs=[("1", "0"), ("4", "3")], example_input=x)
+    guidance(x)
+    with _Syncs() as syncs:
+        raw = guidance(x).similarities
+    assert syncs.found == ["aten._local_scalar_dense.default"] * 2
+    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", False)
+    device = guidance(x).similarities
+    for key in raw:
+        assert abs(raw[key].item() - device[key].item()) <= 1e-6
 
 
 def test_the_stacked_linear_cka_equals_the_per_pair_path():

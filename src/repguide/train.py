@@ -208,7 +208,7 @@ def _guidance(config: RunConfig, target: nn.Module, guide: nn.Module, schedule: 
         example_input=tuple(example_input), noise_seed=step_seed(tc.seed, 7919, schedule.rank),
         all_gather=gather_batches if tc.alignment == "global" and world > 1 else None,
         guide_precision=gc.guide_precision, sketch_dim=gc.sketch_dim, guide_mode=gc.guide_mode,
-        guide_cache=_guide_cache(gc, schedule.train_set),
+        guide_cache=_guide_cache(gc, schedule.train_set), compile=gc.compile,
     )
     aligned = tc.batch_size if tc.alignment == "global" else schedule.per_rank
     if aligned < guidance.measure.min_n:

@@ -122,6 +122,7 @@ class GuidanceConfig(_Strict):
     # visit and read them back instead of running the guide; needs guide_input=same, no random
     # augmentation and no data.kwargs.resample. Memory: training examples × Σ compared guide widths × 4 bytes.
     cache: bool = False
+    compile: bool = False  # torch.compile linear CKA's stacked similarity (Guidance(compile=True)); same results
 
     @model_validator(mode="before")
     @classmethod

@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def check_options(
     target: nn.Module, guide: nn.Module, *, layers: str, reduction: str, guide_input: str | Callable,
-    guide_precision: str, sketch_dim: Any, guide_cache: Any, guide_mode: str,
+    guide_precision: str, sketch_dim: Any, guide_cache: Any, guide_mode: str, compile: Any = False,
 ) -> None:
     """Raise a :class:`GuidanceError` for the first option :class:`Guidance` cannot use."""
     if target is guide:
@@ -39,6 +39,8 @@ def check_options(
         raise GuidanceError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
     if guide_mode not in GUIDE_MODES:
         raise GuidanceError(f"guide_mode must be one of {', '.join(GUIDE_MODES)}, got {guide_mode!r}")
+    if not isinstance(compile, bool):
+        raise GuidanceError(f"compile must be True or False; got {compile!r}")
     if guide_cache is not None and guide_input != "same":
         raise GuidanceError(
             "guide_cache stores the guide's features of each example, so the guide must see the "

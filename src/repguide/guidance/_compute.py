@@ -5,11 +5,13 @@ Linear CKA (the default measure) in the Gram form goes through
 shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
 and compared in one autograd node, about ten aten ops for the whole stack and one ``bmm`` each way.
 Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
-``compare``, each target layer prepared once. No path reads a value on the host.
+``compare``, each target layer prepared once. No path reads a value on the host (the guide's
+Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_only`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, 
         term = pair.weight * (1 - s)
         loss = term if loss is None else loss + term
     for items in groups.values():
-        loss = _fused_group(items, out, loss)
+        loss = _fused_group(items, out, loss, _stack_function(guidance, items[0][1].device))
     return {p.key: out[p.key] for p in guidance._pairs}, loss
 
 
@@ -77,13 +79,33 @@ def _fused(measure, t: Tensor, g: list) -> bool:
     return all(p.x is None or use_gram_form(n, d, p.d) for p in g)
 
 
-def _fused_group(items: list, out: dict, loss: Tensor | None) -> Tensor:
+def _stack_similarities(xs: list[Tensor], units: list[Tensor]) -> Tensor:
+    """Linear CKA of the target stacks ``xs`` against the guides' unit Grams, one per row."""
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    return linear_cka_stack(x, units[0][None] if len(units) == 1 else torch.stack(units))
+
+
+_COMPILED: dict[str, Callable] = {}  # device type → compiled _stack_similarities
+
+
+def _stack_function(guidance, device: torch.device) -> Callable:
+    """:func:`_stack_similarities`, compiled with ``Guidance(compile=True)``: inductor, static
+    shapes (each new stack shape compiles once); on CUDA its CUDA-graph mode (untested on a GPU)."""
+    if not guidance.compile_similarity:
+        return _stack_similarities
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(_stack_similarities, dynamic=False, mode=mode)
+    return _COMPILED[device.type]
+
+
+def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Callable) -> Tensor:
     """One stack of equal-shape target activations against their guides' unit Grams; a
     ``"tokens"`` pair contributes one row per position and its similarity is their mean."""
     with torch.autocast(device_type=items[0][1].device.type, enabled=False):
-        x = items[0][1] if len(items) == 1 else torch.cat([x for _, x, _ in items])
-        units = [u for _, _, us in items for u in us]
-        sims = linear_cka_stack(x, units[0][None] if len(units) == 1 else torch.stack(units))
+        sims = stack_function([x for _, x, _ in items], [u for _, _, us in items for u in us])
+    if sims.device.type == "cuda" and stack_function is not _stack_similarities:
+        sims = sims.clone()  # a CUDA graph's output is overwritten by its next replay
     if len(sims) == 1:
         pair = items[0][0]
         out[pair.key] = sims.reshape(())

@@ -12,7 +12,8 @@ Conventions shared by every measure:
   and it keeps 1e-20- or 1e20-scaled activations from under- or overflowing in float32.
   (:meth:`Prepared.gram_only`, for a frozen guide's layers, shifts the rows by the first one and
   scales by the range in one pass, then centres the n×n Gram, all on the device:
-  :mod:`~repguide.similarity.fused`, which also holds the one-node linear CKA a guided step uses.)
+  :mod:`~repguide.similarity.fused`, which also holds the one-node linear CKA a guided step uses;
+  on a CPU it centres the raw Gram where a host-side check finds that precise.)
 * A *constant* input (every row identical, to rounding) has no structure to compare: the
   similarity is defined as exactly 0, with zero (finite) gradients. Note this means a layer that has
   collapsed to a constant receives no alignment gradient.

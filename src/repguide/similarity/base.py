@@ -160,30 +160,67 @@ class Prepared:
 
     @classmethod
     def gram_only(cls, x: Tensor, min_n: int = 2, matmul_dtype: torch.dtype | None = None) -> "Prepared":
-        """``Prepared(x)`` after :meth:`keep_gram_only`, without a gradient, built more cheaply and
-        without reading a value on the host (no sync on an accelerator).
+        """``Prepared(x)`` after :meth:`keep_gram_only`, without a gradient, built more cheaply;
+        its Gram is centred and divided by its Frobenius norm.
 
-        The Gram is :func:`~repguide.similarity.fused.unit_centred_gram`'s: the rows shifted by the
-        first one and scaled by x's range in one pass, the n×n Gram centred as a matrix, divided by
-        its Frobenius norm; within a few ulps of centring x first, relative to its largest entry.
-        A constant input (every centred entry within 64 ulps of the largest |entry|, which is what
-        :class:`Prepared` tests, or a little more) gives a zero Gram. For a reduced ``matmul_dtype``
-        x is centred first, since the rounding of its operands would be magnified otherwise.
+        The Gram is :func:`~repguide.similarity.fused.unit_centred_gram`'s, which reads no value on
+        the host (no sync on an accelerator): the rows shifted by the first one and scaled by x's
+        range in one pass, the n×n Gram centred as a matrix; within a few ulps of centring x first,
+        relative to its largest entry. A constant input (every centred entry within 64 ulps of the
+        largest |entry|, which is what :class:`Prepared` tests, or a little more) gives a zero Gram.
+        On a CPU, where a host read costs nothing, the raw Gram of x centred as a matrix is taken
+        instead wherever a host-side check finds it precise (:func:`_raw_centred_gram`): no pass
+        over x besides the product (:data:`RAW_GRAM_ON_CPU` turns that off). For a reduced
+        ``matmul_dtype`` x is centred first, since the rounding of its operands would be magnified
+        otherwise.
         """
         _check_input(x, min_n)
         with torch.no_grad():
             x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
             if matmul_dtype in (None, x.dtype):
+                unit = _raw_centred_gram(x) if RAW_GRAM_ON_CPU and x.device.type == "cpu" else None
+                if unit is not None:
+                    constant = torch.zeros((), dtype=torch.bool)
+                else:
+                    unit, constant = unit_centred_gram(x)
                 p = cls.__new__(cls)
                 p.n, p.d = x.shape
                 p.x, p.matmul_dtype, p._cov, p._norm = None, x.dtype, None, None
-                p._gram, p.constant = unit_centred_gram(x)
-                p._unit = p._gram
+                p._gram = p._unit = unit
+                p.constant = constant
                 return p
             p = cls(x, min_n)
             p.matmul_dtype = matmul_dtype
             p.keep_gram_only()
             return p
+
+
+#: Whether :meth:`Prepared.gram_only` tries its raw-Gram path on a CPU (the default): a host read
+#: costs nothing there, and the device path's passes over x cost 17-22% of the guide's Grams
+#: (benchmarks/README.md, log #31). False takes the device path on a CPU too, as on an accelerator:
+#: tests/test_sync_free.py and benchmarks/bench_ops.py set it, so that the host syncs they count on
+#: a CPU are the ones an accelerator would wait for.
+RAW_GRAM_ON_CPU = True
+
+
+def _raw_centred_gram(x: Tensor) -> Tensor | None:
+    """The centred Gram of ``x: (n, d)`` from its raw Gram, divided by its Frobenius norm; None
+    where that loses precision, decided on the host (one sync): where the rows' common mean holds
+    more than 15/16 of their energy (every constant input included), the raw products could over-
+    or underflow, or x is not finite. Within ~2e-6 of centring x first, relative to the largest
+    entry (benchmarks/README.md, log #8)."""
+    finfo = torch.finfo(x.dtype)
+    raw = x @ x.T
+    rows = raw.mean(dim=1)
+    centred = raw - rows[:, None] - rows[None, :] + rows.mean()
+    # The row norms bound every partial sum of the product (Cauchy-Schwarz), so none over- or
+    # underflowed if the largest is finite, below max/64 and well above tiny.
+    norms = raw.diagonal()
+    top = norms.amax()
+    safe = (top < finfo.max / 64) & (top > finfo.tiny * 1e6 * x.shape[1])
+    if not bool(safe & (16 * centred.diagonal().sum() > norms.sum())):
+        return None
+    return centred.div_(torch.linalg.vector_norm(centred))
 
 
 def _check_input(x: Tensor, min_n: int) -> None:
