@@ -128,3 +128,25 @@ def test_unknown_pairing_and_rule_name_what_is_allowed():
         resolve_pairs("oficial", ["a"], ["b"])
     with pytest.raises(ValueError, match="official"):
         discover(nn.Linear(2, 2), torch.randn(3, 2), layers="offical")
+
+
+def test_official_rule_on_models_from_outside():
+    """Hugging Face GPT-2 guiding torch's encoder LM: LayerNorms (GPT-2's blocks are Conv1D, not an
+    official class) against the encoder's attention, norms and Linears; a GRU, not an official
+    class either, leaves its LM no layer, and the error says what was looked for."""
+    pytest.importorskip("transformers")
+    from test_foreign_models import MODELS, batch, build
+
+    x = batch("tokens")
+    names = [info.name for info in discover(build("gpt2", 0), x, layers="official")]
+    assert names == ["gpt2.h.0.ln_1", "gpt2.h.0.ln_2", "gpt2.h.1.ln_1", "gpt2.h.1.ln_2", "gpt2.ln_f"]
+    target = build("transformer_encoder", 0)
+    guidance = rg.Guidance(target, build("gpt2", 1), layers="official", pairs="official")
+    out = guidance(x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and len(out.similarities) >= 2
+    assert [p.guide for p in guidance.pairs][-1] == "gpt2.ln_f"  # the deepest guide layer counts
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in target.parameters())
+    assert MODELS["gru"][1] == "tokens"
+    with pytest.raises(ValueError, match="exact class is one of repguide.capture.OFFICIAL_LAYER_TYPES"):
+        discover(build("gru", 0), x, layers="official")
