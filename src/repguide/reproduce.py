@@ -231,8 +231,9 @@ def _consistency_section(claim: Claim, seeds: int, runs_dir: Path) -> list[str]:
 
 
 def _describe(row: Row, reference: Row | None) -> str:
-    """``row``'s recipe and overrides; in an ablation table, a row that sets the reference row's
-    keys is written as that row with what differs (the reference row spells out the rest)."""
+    """``row``'s recipe and overrides; in an ablation table, a row that sets the keys of the
+    reference row (the first row of the same recipe with overrides) is written as that row with
+    what differs (the reference row spells out the rest)."""
     if reference is None or row is reference or row.recipe != reference.recipe:
         return row.describe()
     if set(row.overrides) != set(reference.overrides):
@@ -253,11 +254,14 @@ def _claim_section(claim: Claim, seeds: int, runs_dir: Path, figures: Path, root
         f"| run | recipe | paper ({claim.paper_metric}) | ours: {unit} | train − test gap |",
         "|---|---|---|---|---|",
     ]
-    reference = next((row for row in claim.rows if row.overrides), None) if claim.ablates else None
+    references: dict[str, Row] = {}  # per recipe, the first row with overrides spells them out
+    for row in claim.rows if claim.ablates else ():
+        if row.overrides:
+            references.setdefault(row.recipe, row)
     for row in claim.rows:
         s = stats[row.run]
         gap = f"{statistics.fmean(s.gaps):.2f}" if s.gaps else "—"
-        lines.append(f"| {row.label} | {_describe(row, reference)} | {row.paper} | {_fmt(s)} | {gap} |")
+        lines.append(f"| {row.label} | {_describe(row, references.get(row.recipe))} | {row.paper} | {_fmt(s)} | {gap} |")
     if claim.checks:
         lines += ["", "| check (paper's direction) | verdict |", "|---|---|"]
     op = ">" if claim.higher_is_better else "<"
