@@ -217,3 +217,14 @@ def test_reproduce_skips_a_run_another_process_is_training_and_goes_on(tmp_path,
 def test_an_unknown_claim_id_names_the_known_ones_and_the_closest():
     with pytest.raises(ConfigError, match=r"unknown claim in \['C4-officail'\]; known claims: C1, .*\. Did you mean 'C4-official'\?"):
         rp.reproduce("tiny", seeds=1, only=["C4-officail"], report=None)
+
+
+def test_an_ablation_row_is_described_from_the_first_row_of_its_own_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr("repguide.report.plot_claim", lambda claim, stats, path: path)
+    (claim,) = [c for c in rp.CLAIMS if c.id == "C5-official"]
+    report = tmp_path / "R.md"
+    rp.write_report([claim], "small", 3, tmp_path / "runs", report, 0.0, only=["C5-official"])
+    text = report.read_text()
+    assert "| off: post-LN (pre-LN), guided | row `c5_official` + `model.kwargs.norm=\"pre\"` |" in text
+    assert "| off: post-LN (pre-LN), no guidance | row `c5_official_baseline` + `model.kwargs.norm=\"pre\"` |" in text
+    assert "| off: packed guide (runs through the padding) | row `c5_official` + `guidance.guide.kwargs.packed=false` |" in text
