@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# bench_step and bench_kernels on a CUDA GPU, then RESULTS.md; about 1-2 minutes in all.
+# bench_step, bench_kernels, bench_ops and the compiled step on a CUDA GPU, then RESULTS.md; about
+# 3-6 minutes in all.
 #
 #   BENCH_DEVICE=cuda bash benchmarks/gpu.sh      # from anywhere; runs in the repository root
 #
-# Each stage has its own time limit (STEP_LIMIT_S=90, KERNELS_LIMIT_S=45, seconds), so one slow
+# Each stage has its own time limit (STEP_LIMIT_S=90, KERNELS_LIMIT_S=45, OPS_LIMIT_S=90,
+# COMPILE_LIMIT_S=150, seconds), so one slow
 # stage cannot eat the others' time; both benchmarks save their results after every workload or
 # cell on CUDA, so a stage stopped by its limit still leaves what it finished. If $OUT is set,
 # the results (benchmarks/results/*-cuda-*.json), RESULTS.md and the stages' logs are copied there.
@@ -51,6 +53,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log, remember
 stage step "${STEP_LIMIT_S:-90}" "$PY" benchmarks/bench_step.py $STEP_ARGS
 # shellcheck disable=SC2086
 stage kernels "${KERNELS_LIMIT_S:-45}" "$PY" benchmarks/bench_kernels.py $KERNELS_ARGS
+# Ops and host syncs per guided step, each step also run under set_sync_debug_mode("error") (issue 14).
+stage ops "${OPS_LIMIT_S:-90}" "$PY" benchmarks/bench_ops.py --workloads abc
+# Guidance(compile=True) (inductor, mode="reduce-overhead": CUDA graphs) against the same floor; it
+# compiles once per workload (~30 s each), so it comes after the stages above.
+stage compile "${COMPILE_LIMIT_S:-150}" "$PY" benchmarks/bench_step.py --quick --workloads a,c --compile
 stage report 30 "$PY" benchmarks/report.py
 
 if [ -n "${OUT:-}" ]; then
