@@ -140,3 +140,46 @@ def test_a_constant_or_non_finite_target_layer_in_the_stack():
     assert s[1] == 0 and torch.isfinite(s[0]) and torch.isnan(s[2])
     grad, = torch.autograd.grad(s[:2].sum(), x)
     assert torch.equal(grad[1], torch.zeros(10, 20)) and torch.isfinite(grad[:2]).all()
+
+
+def test_the_guide_grams_of_all_positions_equal_each_positions_own_and_cost_the_same_ops_at_any_length():
+    from repguide.similarity.fused import unit_centred_grams
+
+    torch.manual_seed(0)
+    g = torch.randn(12, 9, 5) * torch.logspace(-3, 3, 9)[None, :, None] + 7.0  # small and offset positions
+    with torch.no_grad():
+        g[:, 3] = 1.25  # a constant position: zero Gram
+        g[2, 5, 1] = float("inf")  # a non-finite position stays non-finite
+    units, constant = unit_centred_grams(g.transpose(0, 1))
+    for i in range(9):
+        want, want_constant = unit_centred_gram(g[:, i])
+        assert bool(constant[i]) == bool(want_constant)
+        assert torch.equal(torch.isnan(units[i]), torch.isnan(want))
+        finite = ~torch.isnan(want)
+        assert torch.allclose(units[i][finite], want[finite], rtol=0, atol=1e-6)
+        if i not in (3, 5):  # against float64 centring from the formula
+            c = g[:, i].double() - g[:, i].double().mean(0)
+            ref = c @ c.T
+            assert torch.allclose(units[i].double(), ref / ref.norm(), rtol=0, atol=1e-6)
+    assert constant[3] and units[3].abs().sum() == 0 and torch.isnan(units[5]).all()
+
+    def ops_of_a_tokens_step(positions):
+        torch.manual_seed(0)
+        # widths above the batch size: the Gram form, the linear CKA's fused path
+        target, guide = nn.Sequential(nn.Linear(8, 30), nn.Tanh()), nn.Sequential(nn.Linear(8, 40), nn.Tanh())
+        x = torch.randn(12, positions, 8)
+        guidance = rg.Guidance(target, guide, pairs=[("1", "1")], reduction="tokens", example_input=x)
+        guidance(x)
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += 1
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            guidance(x).loss.backward()
+        return Count.n
+
+    assert ops_of_a_tokens_step(4) == ops_of_a_tokens_step(16)  # no loop over positions on either side

@@ -353,7 +353,9 @@ class Guidance(Diagnosable, nn.Module):
         widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
         dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
         with torch.autocast(device_type=g.device.type, enabled=False):
-            return [self.measure.prepare_guide(gi, widths, dtype) for gi in ([g] if g.dim() == 2 else g.unbind(1))]
+            if g.dim() == 2:
+                return [self.measure.prepare_guide(g, widths, dtype)]
+            return self.measure.prepare_guide_positions(g, widths, dtype)
 
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
         if self.sketch_dim is None:

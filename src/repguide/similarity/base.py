@@ -15,7 +15,7 @@ from torch import Tensor
 from repguide._registry import Registry
 from repguide.errors import MeasureError
 
-from repguide.similarity.fused import unit_centred_gram
+from repguide.similarity.fused import unit_centred_gram, unit_centred_grams
 
 __all__ = [
     "MEASURES",
@@ -195,6 +195,28 @@ class Prepared:
             return p
 
 
+def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
+    """:meth:`Prepared.gram_only` of every position of ``x: (n, positions, d)`` (a per-position
+    guide layer), the Grams of all positions made by one set of batched ops on the device path
+    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with :data:`RAW_GRAM_ON_CPU`,
+    position by position on the raw-Gram path."""
+    if RAW_GRAM_ON_CPU and x.device.type == "cpu":
+        return [Prepared.gram_only(xi, min_n) for xi in x.unbind(1)]
+    _check_input(x[:, 0], min_n)
+    with torch.no_grad():
+        x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
+        units, constant = unit_centred_grams(x.transpose(0, 1))
+    prepared = []
+    for unit, flag in zip(units.unbind(0), constant.unbind(0)):
+        p = Prepared.__new__(Prepared)
+        p.n, p.d = x.shape[0], x.shape[2]
+        p.x, p.matmul_dtype, p._cov, p._norm = None, x.dtype, None, None
+        p._gram = p._unit = unit
+        p.constant = flag
+        prepared.append(p)
+    return prepared
+
+
 #: Whether :meth:`Prepared.gram_only` tries its raw-Gram path on a CPU (the default): a host read
 #: costs nothing there, and the device path's passes over x cost 17-22% of the guide's Grams
 #: (benchmarks/README.md, log #31). False takes the device path on a CPU too, as on an accelerator:
@@ -298,6 +320,17 @@ class Measure:
             if gram_only:
                 p.keep_gram_only()
         return p
+
+    def prepare_guide_positions(
+        self, x: Tensor, widths: Sequence[int | None], matmul_dtype: torch.dtype | None = None
+    ) -> list[Prepared]:
+        """:meth:`prepare_guide` of every position of ``x: (n, positions, d)``; where only the
+        Grams are needed, all positions' Grams at once (:func:`gram_only_positions`)."""
+        n, _, d = x.shape
+        gram_only = all(w is not None and not self.needs_features(n, d, w) for w in widths)
+        if gram_only and type(self).prepare is Measure.prepare and matmul_dtype in (None, _compute_dtype(x)):
+            return gram_only_positions(x, self.min_n)
+        return [self.prepare_guide(xi, widths, matmul_dtype) for xi in x.unbind(1)]
 
     def prepare_target(self, x: Tensor, guide: Prepared) -> Prepared:
         """Prepare ``x: (n, d)`` for comparison with ``guide``, made by :meth:`prepare_guide`: in

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["linear_cka_stack", "unit_centred_gram", "unit_gram"]
+__all__ = ["linear_cka_stack", "unit_centred_gram", "unit_centred_grams", "unit_gram"]
 
 # An input whose every centred entry is within this many ulps of its largest |entry| is constant
 # (what Prepared decides; rounding in a mean leaves residuals of a few ulps).
@@ -45,6 +45,21 @@ def unit_centred_gram(x: Tensor) -> tuple[Tensor, Tensor]:
     # Every centred |entry| below 64 ulps gives |HLH|_F ≤ n·d·(64 ulps)²: treated as constant.
     constant = norm <= n * d * (_CONSTANT_ULPS * torch.finfo(x.dtype).eps) ** 2
     return (centred / norm).masked_fill_(constant, 0), constant
+
+
+def unit_centred_grams(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`unit_centred_gram` of each ``x[i]: (n, d)`` of a stack ``x: (m, n, d)``, in one set of
+    batched ops (the positions of a per-position guide layer): ``(L̂: (m, n, n), constant: (m,))``."""
+    m, n, d = x.shape
+    lo, hi = torch.aminmax(x.reshape(m, -1), dim=1)
+    y = (x - x[:, :1]).div_((hi - lo + torch.finfo(x.dtype).tiny)[:, None, None])
+    raw = torch.bmm(y, y.transpose(1, 2))
+    rows = raw.mean(dim=2)
+    u = torch.sub(rows, rows.mean(dim=1, keepdim=True), alpha=0.5)
+    centred = raw - u[:, None, :] - u[:, :, None]
+    norm = torch.linalg.vector_norm(centred, dim=(1, 2))
+    constant = norm <= n * d * (_CONSTANT_ULPS * torch.finfo(x.dtype).eps) ** 2
+    return (centred / norm[:, None, None]).masked_fill_(constant[:, None, None], 0), constant
 
 
 def unit_gram(p) -> Tensor:
