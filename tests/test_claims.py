@@ -228,3 +228,21 @@ def test_an_ablation_row_is_described_from_the_first_row_of_its_own_recipe(tmp_p
     assert "| off: post-LN (pre-LN), guided | row `c5_official` + `model.kwargs.norm=\"pre\"` |" in text
     assert "| off: post-LN (pre-LN), no guidance | row `c5_official_baseline` + `model.kwargs.norm=\"pre\"` |" in text
     assert "| off: packed guide (runs through the padding) | row `c5_official` + `guidance.guide.kwargs.packed=false` |" in text
+
+
+def test_a_row_can_be_the_trained_guide_of_another_row_on_the_same_altered_data(tmp_path, monkeypatch):
+    table = CLAIM + """
+  - id: C1-canvas
+    ablates: C1
+    title: Translated images
+    statement: The guide trained on the same altered data as the target.
+    paper_metric: "—"
+    rows:
+      - {recipe: resnet18_fmnist, run: resnet18_canvas, label: guide, overrides: {data.kwargs.canvas: 40}}
+      - {recipe: deep_fcn_resnet18, run: deep_fcn_resnet18_canvas, label: guided,
+         overrides: {data.kwargs.canvas: 40, guidance.guide_run: resnet18_canvas}}
+"""
+    monkeypatch.setattr(rp, "CLAIMS", load_claims(claims_file(tmp_path, table)))
+    rows = rp.plan(rp._claims(["C1-canvas"]), "tiny", recipes=["deep_fcn_resnet18_canvas"])
+    assert [(r.run, r.overrides.get("data.kwargs.canvas")) for r in rows] == [
+        ("resnet18_canvas", 40), ("deep_fcn_resnet18_canvas", 40)]  # not the plain recipe's guide

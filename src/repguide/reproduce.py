@@ -64,13 +64,16 @@ def _claims(only: list[str] | None) -> list[Claim]:
 
 def plan(claims: list[Claim], scale: str, recipes: list[str] | None = None) -> list[Row]:
     """The rows to train, in an order where every trained guide comes before the runs that load it
-    (only the rows of ``recipes``, by recipe or run name, and the guides they need, when given)."""
+    (only the rows of ``recipes``, by recipe or run name, and the guides they need, when given).
+    A trained guide is a recipe's run, or a row of the chosen claims named by its run (a guide
+    trained with that row's overrides, e.g. on the same altered data)."""
     ordered: dict[str, Row] = {}
+    by_run = {row.run: row for claim in claims for row in claim.rows}
 
     def visit(row: Row) -> None:
         guide = load_recipe(row.recipe, scale, row.overrides).guidance.guide_run
         if guide:
-            visit(Row(recipe=guide, label=guide))
+            visit(by_run.get(guide) or Row(recipe=guide, label=guide))
         ordered.setdefault(row.run, row)
 
     for claim in claims:
