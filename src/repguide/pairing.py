@@ -44,11 +44,7 @@ def stretch(target_layers: Sequence[str], guide_layers: Sequence[str]) -> list[P
     last; here the target is spread over the guide instead, target layer j with guide layer
     round(j·(S−1)/(T−1)), so every computed pair counts.
     """
-    t, s = len(target_layers), len(guide_layers)
-    if t == 0 or s == 0:
-        raise LayerError(
-            f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
-        )
+    t, s = _nonempty(target_layers, guide_layers)
     if s <= t:
         step = (t - 1) / (s - 1) if s > 1 else 0.0
         return [Pair(target_layers[round(i * step)], g) for i, g in enumerate(guide_layers)]
@@ -64,16 +60,21 @@ def official_mapping(target_layers: Sequence[str], guide_layers: Sequence[str]) 
     With S <= T this is :func:`stretch`; with S > T every target layer keeps one guide layer, the
     deepest of those mapped to it. Pairs come in target-layer order.
     """
-    t, s = len(target_layers), len(guide_layers)
-    if t == 0 or s == 0:
-        raise LayerError(
-            f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
-        )
+    t, s = _nonempty(target_layers, guide_layers)
     step = (t - 1) / (s - 1) if s > 1 else 1.0
     winner: dict[int, str] = {}
     for i, guide in enumerate(guide_layers):
         winner[min(round(i * step), t - 1)] = guide
     return [Pair(target_layers[j], winner[j]) for j in sorted(winner)]
+
+
+def _nonempty(target_layers: Sequence[str], guide_layers: Sequence[str]) -> tuple[int, int]:
+    t, s = len(target_layers), len(guide_layers)
+    if t == 0 or s == 0:
+        raise LayerError(
+            f"cannot pair {t} target layer(s) with {s} guide layer(s): both lists must be non-empty"
+        )
+    return t, s
 
 
 def select_layers(patterns: str | Sequence[str], available: Sequence[str], role: str) -> list[str]:

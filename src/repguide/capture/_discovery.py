@@ -1,6 +1,6 @@
 """Candidate layers of a model, in forward execution order.
 
-Three rules (``layers=``):
+Four rules (``layers=``):
 
 - ``"blocks"`` (default): the model's *blocks*, i.e. the non-leaf children of an ``nn.ModuleList`` or
   ``nn.Sequential`` that have at least one sibling of the same class, taking the outermost such
@@ -208,9 +208,9 @@ def discover(
     """Candidate layers of ``model`` in forward execution order, found with probing forwards.
 
     ``layers``: ``"blocks"``, ``"leaves"``, ``"all"`` or ``"official"``; ``types``: module classes
-    that override it (see the module docstring). The model runs twice, on the example batch and on it with its
-    first example repeated, in its current train/eval mode, under no_grad, with its buffers and the
-    RNG restored afterwards. A layer's batch axis is the one axis that grew by one, so it is found
+    that override it (see the module docstring). The model runs twice, on the example batch and on
+    it with its first example repeated, in its current train/eval mode, under no_grad, with its
+    buffers and the RNG restored afterwards. A layer's batch axis is the one axis that grew by one, so it is found
     even when another axis has the batch size. Layers whose output has no such axis are not
     candidates; a model with no candidate at all is an error that says what to do.
     """

@@ -55,7 +55,8 @@ class Guidance(Diagnosable, nn.Module):
             (under ``guide.``), so a saved Guidance restores the guide it was trained with.
         pairs: ``"stretch"`` (the paper's even spread of guide layers over target layers),
             ``"official"`` (the official code's mapping: with more guide than target layers, the
-            last guide layer mapped to a target layer wins), an explicit list of ``(target_layer, guide_layer[, weight])``, or
+            last guide layer mapped to a target layer wins), an explicit list of
+            ``(target_layer, guide_layer[, weight])``, or
             ``{"target": names-or-globs, "guide": names-or-globs}``. See :func:`repguide.layers`.
         measure: a registered similarity name (``"cka"``, ``"cka_unbiased"``, ``"cka_rbf"``,
             ``"rsa"``, ``"procrustes"``) or a :class:`~repguide.similarity.Measure`.

@@ -183,16 +183,21 @@ class Prepared:
                     constant = torch.zeros((), dtype=torch.bool)
                 else:
                     unit, constant = unit_centred_gram(x)
-                p = cls.__new__(cls)
-                p.n, p.d = x.shape
-                p.x, p.matmul_dtype, p._cov, p._norm = None, x.dtype, None, None
-                p._gram = p._unit = unit
-                p.constant = constant
-                return p
+                return cls._of_unit_gram(unit, constant, x.shape[1])
             p = cls(x, min_n)
             p.matmul_dtype = matmul_dtype
             p.keep_gram_only()
             return p
+
+    @classmethod
+    def _of_unit_gram(cls, unit: Tensor, constant: Tensor, d: int) -> "Prepared":
+        """A gram-only input of ``d`` features whose centred Gram, divided by its norm, is ``unit``."""
+        p = cls.__new__(cls)
+        p.n, p.d = unit.shape[0], d
+        p.x, p.matmul_dtype, p._cov, p._norm = None, unit.dtype, None, None
+        p._gram = p._unit = unit
+        p.constant = constant
+        return p
 
 
 def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
@@ -206,15 +211,7 @@ def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
     with torch.no_grad():
         x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
         units, constant = unit_centred_grams(x.transpose(0, 1))
-    prepared = []
-    for unit, flag in zip(units.unbind(0), constant.unbind(0)):
-        p = Prepared.__new__(Prepared)
-        p.n, p.d = x.shape[0], x.shape[2]
-        p.x, p.matmul_dtype, p._cov, p._norm = None, x.dtype, None, None
-        p._gram = p._unit = unit
-        p.constant = flag
-        prepared.append(p)
-    return prepared
+    return [Prepared._of_unit_gram(u, c, x.shape[2]) for u, c in zip(units.unbind(0), constant.unbind(0))]
 
 
 #: Whether :meth:`Prepared.gram_only` tries its raw-Gram path on a CPU (the default): a host read
