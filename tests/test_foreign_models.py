@@ -252,6 +252,42 @@ def test_stacked_recurrent_layers_use_the_module_s_own_inter_layer_dropout(cell)
     torch.testing.assert_close(h_l, h, atol=1e-6, rtol=0)
 
 
+def test_stacked_recurrent_layers_follow_new_weights_and_dispatch_what_the_fused_module_does():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = Stacked(nn.LSTM, True, False, False, False).eval()
+    x = torch.randn(3, 5, 4)
+    _run_both(model, x)  # builds the single-layer modules once
+    model.rnn.weight_hh_l1 = nn.Parameter(torch.randn_like(model.rnn.weight_hh_l1))  # a weight replaced
+    (out, h), (out_l, h_l), _ = _run_both(model, x)
+    torch.testing.assert_close(out_l, out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h_l, h, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        with Ops() as fused:
+            model.rnn(x)
+        capture = Capture(model, LAYERS)
+        with capture.record(3), Ops() as by_layer:
+            model.rnn(x)
+        capture.remove()
+    # No module is built per call (its meta-device init would dispatch empty/uniform_ ops), and
+    # per layer the same kernel runs, with no copy between layers; what differs is ≤ 4 ops a
+    # layer (its own zero states and final-state stacks, its output's batch-first view).
+    assert by_layer.names.count("mkldnn_rnn_layer") == fused.names.count("mkldnn_rnn_layer") == 3
+    assert "uniform_" not in by_layer.names and "empty" not in by_layer.names
+    assert by_layer.names.count("clone") == fused.names.count("clone") == 1
+    assert len(by_layer.names) <= len(fused.names) + 4 * 3, (by_layer.names, fused.names)
+
+
 def test_stacked_recurrent_layers_train_with_one_target_forward_per_step():
     torch.manual_seed(0)
     target, guide = CountForwards(RecurrentLM(nn.GRU, True)), build("transformer_encoder", 1)

@@ -16,12 +16,13 @@ import contextlib
 import functools
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 #: ``callback(layer, output)``: called after each layer of a stacked module has run.
@@ -75,9 +76,14 @@ def layer_by_layer(callbacks: Mapping[nn.Module, OnLayer]) -> Iterator[None]:
 
 
 def _forward_by_layer(module: nn.RNNBase, on_layer: OnLayer, input: Any, hx: Any = None) -> tuple[Any, Any]:
-    """What ``module(input, hx)`` returns, computed one layer at a time."""
+    """What ``module(input, hx)`` returns, computed one layer at a time. A batch-first input runs
+    time-major through the layers, as the fused call does (one transpose each way, no copy per
+    layer); each layer reports its output in the module's own layout."""
     per_layer = 2 if module.bidirectional else 1
     lstm = isinstance(module, nn.LSTM)
+    flip = module.batch_first and isinstance(input, Tensor) and input.dim() == 3
+    if flip:
+        input = input.transpose(0, 1)
     finals = []
     for layer in range(module.num_layers):
         rows = slice(layer * per_layer, (layer + 1) * per_layer)  # the layer's rows of h0 (and c0)
@@ -86,34 +92,46 @@ def _forward_by_layer(module: nn.RNNBase, on_layer: OnLayer, input: Any, hx: Any
             # On CUDA a layer's weights are a slice of the module's flat buffer, not a buffer of their own.
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
             output, final = _single_layer(module, layer)(input, state)
-        on_layer(layer, output)
+        reported = output.transpose(0, 1) if flip else output
+        on_layer(layer, reported)
         finals.append(final)
         if layer < module.num_layers - 1 and module.training and module.dropout > 0:
             output = _dropout(output, module.dropout)
         input = output
     if lstm:
-        return output, tuple(torch.cat(parts) for parts in zip(*finals))
-    return output, torch.cat(finals)
+        return reported, tuple(torch.cat(parts) for parts in zip(*finals))
+    return reported, torch.cat(finals)
 
 
 def _single_layer(module: nn.RNNBase, layer: int) -> nn.RNNBase:
-    """A one-layer module of ``module``'s kind whose parameters are ``module``'s of ``layer``."""
+    """A time-major one-layer module of ``module``'s kind whose parameters are ``module``'s of
+    ``layer``: built once per (module, layer, shape) on the meta device, its parameters set afresh
+    at every call (so a module moved or given new weights is followed; building one costs ~10
+    aten ops)."""
     kind = next(k for k in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, k))
+    output_size = module.proj_size or module.hidden_size
+    input_size = module.input_size if layer == 0 else output_size * (2 if module.bidirectional else 1)
     options: dict[str, Any] = {}
     if kind is nn.LSTM:
         options["proj_size"] = module.proj_size
     if kind is nn.RNN:
         options["nonlinearity"] = module.nonlinearity
-    output_size = module.proj_size or module.hidden_size
-    input_size = module.input_size if layer == 0 else output_size * (2 if module.bidirectional else 1)
-    single = kind(
-        input_size, module.hidden_size, num_layers=1, bias=module.bias, batch_first=module.batch_first,
-        bidirectional=module.bidirectional, device="meta", **options,
-    )
+    shape = (kind, input_size, module.hidden_size, module.bias, module.bidirectional, *options.values())
+    singles = _SINGLE_LAYERS.setdefault(module, {})
+    single = singles.get((layer, shape))
+    if single is None:
+        single = singles[(layer, shape)] = kind(
+            input_size, module.hidden_size, num_layers=1, bias=module.bias, batch_first=False,
+            bidirectional=module.bidirectional, device="meta", **options,
+        )
     for name in single._flat_weights_names:  # weight_ih_l0[_reverse] → weight_ih_l{layer}[_reverse]
         setattr(single, name, getattr(module, name.replace("_l0", f"_l{layer}", 1)))
     single.training = module.training
     return single
+
+
+#: The single-layer modules of :func:`_single_layer`, by stacked module (weakly: they go with it).
+_SINGLE_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _dropout(output: Any, p: float) -> Any:
