@@ -174,6 +174,16 @@ def test_sketch_is_an_unbiased_fixed_projection_of_the_last_axis():
     assert torch.allclose(mean, x @ y.T, atol=4 * float(sigma))
 
 
+@pytest.mark.parametrize("d", [500, 512])  # dim divides d or not
+def test_sketch_adds_feature_j_with_its_sign_to_bucket_j_mod_dim(d):
+    from repguide.similarity.sketching import _signs
+
+    x = torch.randn(3, d, dtype=torch.float64)
+    dense = torch.zeros(d, 64, dtype=torch.float64)  # the CountSketch matrix, written out
+    dense[torch.arange(d), torch.arange(d) % 64] = _signs(d, 5, x.device).double()
+    assert torch.allclose(sketch(x, 64, seed=5), x @ dense, rtol=0, atol=1e-12)
+
+
 def test_sketch_keeps_norms_exactly_in_expectation_and_has_a_gradient():
     x = torch.randn(5, 300, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: sketch(a, 32, 7), (x,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["sketch"]
@@ -18,7 +19,7 @@ def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
     estimate of ``x @ y.T``, so every Gram-based measure sees an approximate Gram; its error grows
     with the effective rank of the Gram over ``dim`` (about sqrt(2 / dim) of |x||y| per entry for
     random features, far less for real activations). The interleaved partition costs two passes
-    over x where a random one needs a slower gather, and was as accurate as a random one on conv and
+    over x (three when dim does not divide d) where a random one needs a slower gather, and was as accurate as a random one on conv and
     linear activations (benchmarks/README.md, idea 16). O(n·d), where the Gram it shrinks costs
     O(n²·d); differentiable.
     The signs depend only on (d, seed), so a layer is projected the same way at every step.
@@ -28,11 +29,10 @@ def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
     if d <= dim:
         return x
     signed = x * _signs(d, seed, x.device).to(x.dtype)
-    whole = d // dim * dim
-    out = signed[..., :whole].unflatten(-1, (d // dim, dim)).sum(-2)
-    if whole < d:
-        out[..., : d - whole] += signed[..., whole:]
-    return out
+    buckets = -(-d // dim)  # the last one padded with zeros: four aten ops in all
+    if buckets * dim > d:
+        signed = F.pad(signed, (0, buckets * dim - d))
+    return signed.unflatten(-1, (buckets, dim)).sum(-2)
 
 
 @functools.lru_cache(maxsize=128)
