@@ -183,3 +183,16 @@ def test_the_guide_grams_of_all_positions_equal_each_positions_own_and_cost_the_
         return Count.n
 
     assert ops_of_a_tokens_step(4) == ops_of_a_tokens_step(16)  # no loop over positions on either side
+
+
+def test_a_step_after_one_in_inference_mode_still_trains():
+    # The stack's row weights are made once and kept: one first made under inference_mode must
+    # not become an inference tensor that the next training step cannot save for its backward.
+    target, guide = _nets()
+    x = torch.randn(16, 1, 8, 8)
+    guidance = rg.Guidance(target, guide, pairs=[("1", "0"), ("4", "3")], example_input=x)
+    with torch.inference_mode():
+        guidance(x)
+    out = guidance(x)
+    out.loss.backward()
+    assert target[1].weight.grad is not None and torch.isfinite(target[1].weight.grad).all()

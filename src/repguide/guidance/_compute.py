@@ -11,6 +11,7 @@ Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +41,9 @@ def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, 
                 f"has {len(g)}; use 'flatten' or 'mean'"
             )
         if _fused(guidance.measure, t, g):
-            x = t[None] if t.dim() == 2 else t.transpose(0, 1)
+            x = t if t.dim() == 2 else t.transpose(0, 1)  # (n, d), or (positions, n, d)
             x = x if x.dtype == g[0].dtype else x.to(g[0].dtype)
-            groups.setdefault((*x.shape[1:], x.dtype, x.device), []).append((pair, x, [unit_gram(p) for p in g]))
+            groups.setdefault((*x.shape[-2:], x.dtype, x.device), []).append((pair, x, [unit_gram(p) for p in g]))
             continue
         with torch.autocast(device_type=t.device.type, enabled=False):
             if t.dim() == 2:
@@ -80,8 +81,12 @@ def _fused(measure, t: Tensor, g: list) -> bool:
 
 
 def _stack_similarities(xs: list[Tensor], units: list[Tensor]) -> Tensor:
-    """Linear CKA of the target stacks ``xs`` against the guides' unit Grams, one per row."""
-    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    """Linear CKA of the target layers ``xs`` (each (n, d), or (positions, n, d)) against the
+    guides' unit Grams, one per (n, d) row of the stack."""
+    if all(x.dim() == 2 for x in xs):
+        x = xs[0][None] if len(xs) == 1 else torch.stack(xs)
+    else:
+        x = torch.cat([x[None] if x.dim() == 2 else x for x in xs])
     return linear_cka_stack(x, units[0][None] if len(units) == 1 else torch.stack(units))
 
 
@@ -111,16 +116,24 @@ def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Ca
         out[pair.key] = sims.reshape(())
         term = pair.weight * (1 - out[pair.key])
         return term if loss is None else loss + term
-    sizes = [x.shape[0] for _, x, _ in items]
+    sizes = [1 if x.dim() == 2 else x.shape[0] for _, x, _ in items]
     rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]
     per_row = []
     for (pair, _, _), size, s in zip(items, sizes, rows):
         out[pair.key] = s
         per_row += [pair.weight / size] * size
     # Σ weight · (1 − similarity) over the group as one product with the (row-spread) weights.
-    weights = torch.tensor(per_row, dtype=sims.dtype, device=sims.device)
+    weights = _row_weights(tuple(per_row), sims.dtype, sims.device)
     term = sum(pair.weight for pair, _, _ in items) - torch.dot(sims, weights)
     return term if loss is None else loss + term
+
+
+@functools.lru_cache(maxsize=64)
+def _row_weights(per_row: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The weights of a stack's rows as a tensor, made once (not a host-to-device copy a step);
+    never an inference tensor, which a later training step could not save for its backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(per_row, dtype=dtype, device=device)
 
 
 def _compare(measure, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:

@@ -164,30 +164,26 @@ class Prepared:
         its Gram is centred and divided by its Frobenius norm.
 
         The Gram is :func:`~repguide.similarity.fused.unit_centred_gram`'s, which reads no value on
-        the host (no sync on an accelerator): the rows shifted by the first one and scaled by x's
-        range in one pass, the n×n Gram centred as a matrix; within a few ulps of centring x first,
-        relative to its largest entry. A constant input (every centred entry within 64 ulps of the
-        largest |entry|, which is what :class:`Prepared` tests, or a little more) gives a zero Gram.
+        the host (no sync on an accelerator): x centred twice (exact to a few ulps of x − x̄
+        however large x̄) and divided by its largest |entry|. A constant input (every centred
+        entry within 64 ulps of the largest |entry|, which is what :class:`Prepared` tests) gives
+        a zero Gram.
         On a CPU, where a host read costs nothing, the raw Gram of x centred as a matrix is taken
         instead wherever a host-side check finds it precise (:func:`_raw_centred_gram`): no pass
-        over x besides the product (:data:`RAW_GRAM_ON_CPU` turns that off). For a reduced
-        ``matmul_dtype`` x is centred first, since the rounding of its operands would be magnified
-        otherwise.
+        over x besides the product (:data:`RAW_GRAM_ON_CPU` turns that off). A reduced
+        ``matmul_dtype`` always takes the device path, whose operands are centred before they are
+        rounded (the rounding of uncentred ones would be magnified).
         """
         _check_input(x, min_n)
         with torch.no_grad():
             x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
-            if matmul_dtype in (None, x.dtype):
-                unit = _raw_centred_gram(x) if RAW_GRAM_ON_CPU and x.device.type == "cpu" else None
-                if unit is not None:
-                    constant = torch.zeros((), dtype=torch.bool)
-                else:
-                    unit, constant = unit_centred_gram(x)
-                return cls._of_unit_gram(unit, constant, x.shape[1])
-            p = cls(x, min_n)
-            p.matmul_dtype = matmul_dtype
-            p.keep_gram_only()
-            return p
+            exact = matmul_dtype in (None, x.dtype)
+            unit = _raw_centred_gram(x) if exact and RAW_GRAM_ON_CPU and x.device.type == "cpu" else None
+            if unit is not None:
+                constant = torch.zeros((), dtype=torch.bool)
+            else:
+                unit, constant = unit_centred_gram(x, None if exact else matmul_dtype)
+            return cls._of_unit_gram(unit, constant, x.shape[1])
 
     @classmethod
     def _of_unit_gram(cls, unit: Tensor, constant: Tensor, d: int) -> "Prepared":

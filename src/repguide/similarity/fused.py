@@ -13,6 +13,8 @@ CKA = <K, L̂> / |K| with K the centred Gram of the rescaled target and L̂ = L 
 
 from __future__ import annotations
 
+from math import inf
+
 import torch
 from torch import Tensor
 
@@ -23,43 +25,46 @@ __all__ = ["linear_cka_stack", "unit_centred_gram", "unit_centred_grams", "unit_
 _CONSTANT_ULPS = 64
 
 
-def unit_centred_gram(x: Tensor) -> tuple[Tensor, Tensor]:
+def unit_centred_gram(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(L̂, constant)`` for ``x: (n, d)`` (no gradient): L̂ = HLH / |HLH|_F with L the Gram of x,
     zeros for a constant x, NaN wherever x is not finite. Never reads a value on the host.
 
-    The rows are first shifted by the batch's first row and scaled by x's range, one pass:
-    y = (x − x₀) / (max x − min x). The centred Gram is invariant to the shift, |y| ≤ 1 rules out
-    over- and underflow, and every row of y is within twice the largest deviation from the mean
-    (|xᵢ − x₀| ≤ |xᵢ − x̄| + |x₀ − x̄|), so centring the n×n Gram of y loses at most a few ulps
-    relative to its largest entry: the precision of centring x itself, without the pass that
-    computes the column means first. A constant x gives y = 0 exactly (identical rows).
+    x is centred twice (the second pass removes what the rounded mean of the first left, so the
+    products see x − x̄ to a few ulps of its own size, however large x̄) and divided by its largest
+    |entry|: |y| ≤ 2 rules out overflow. x is constant when every centred entry is within 64 ulps
+    of that largest |entry| (what :class:`Prepared` tests), i.e. max |y| ≤ 64 ulps; otherwise some
+    |y| exceeds it, far from underflow. Fourteen aten ops in all; ``matmul_dtype`` (e.g.
+    ``torch.bfloat16``) rounds y to it for the product, and the Gram back to x's dtype (two more).
     """
-    n, d = x.shape
-    lo, hi = torch.aminmax(x)
-    y = (x - x[:1]).div_(hi - lo + torch.finfo(x.dtype).tiny)
-    raw = y @ y.T
-    rows = raw.mean(dim=1)
-    u = torch.sub(rows, rows.mean(), alpha=0.5)  # HLH = L − u1ᵀ − 1uᵀ with u = rows − mean/2
-    centred = raw - u - u[:, None]
-    norm = torch.linalg.vector_norm(centred)
-    # Every centred |entry| below 64 ulps gives |HLH|_F ≤ n·d·(64 ulps)²: treated as constant.
-    constant = norm <= n * d * (_CONSTANT_ULPS * torch.finfo(x.dtype).eps) ** 2
-    return (centred / norm).masked_fill_(constant, 0), constant
+    return _unit_centred_grams(x, (0,), matmul_dtype)
 
 
 def unit_centred_grams(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`unit_centred_gram` of each ``x[i]: (n, d)`` of a stack ``x: (m, n, d)``, in one set of
     batched ops (the positions of a per-position guide layer): ``(L̂: (m, n, n), constant: (m,))``."""
-    m, n, d = x.shape
-    lo, hi = torch.aminmax(x.reshape(m, -1), dim=1)
-    y = (x - x[:, :1]).div_((hi - lo + torch.finfo(x.dtype).tiny)[:, None, None])
-    raw = torch.bmm(y, y.transpose(1, 2))
-    rows = raw.mean(dim=2)
-    u = torch.sub(rows, rows.mean(dim=1, keepdim=True), alpha=0.5)
-    centred = raw - u[:, None, :] - u[:, :, None]
-    norm = torch.linalg.vector_norm(centred, dim=(1, 2))
-    constant = norm <= n * d * (_CONSTANT_ULPS * torch.finfo(x.dtype).eps) ** 2
-    return (centred / norm[:, None, None]).masked_fill_(constant[:, None, None], 0), constant
+    units, constant = _unit_centred_grams(x, (1, 2))
+    return units, constant.view(-1)
+
+
+def _unit_centred_grams(
+    x: Tensor, dims: tuple[int, ...], matmul_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """The ops of :func:`unit_centred_gram` on ``x: (n, d)`` (``dims=(0,)``: per-matrix reductions
+    over all of x) or on a stack ``x: (m, n, d)`` (``dims=(1, 2)``)."""
+    rows, whole = dims[0], None if len(dims) == 1 else dims
+    keep = whole is not None
+    y = x - x.mean(dim=rows, keepdim=True)
+    y.sub_(y.mean(dim=rows, keepdim=True))
+    finfo = torch.finfo(x.dtype)
+    y.div_(torch.linalg.vector_norm(x, ord=inf, dim=whole, keepdim=keep).add_(finfo.tiny))
+    constant = torch.linalg.vector_norm(y, ord=inf, dim=whole, keepdim=keep) <= _CONSTANT_ULPS * finfo.eps
+    if matmul_dtype not in (None, x.dtype):
+        low = y.to(matmul_dtype)
+        raw = (low @ low.transpose(-1, -2)).to(x.dtype)
+    else:
+        raw = y @ y.transpose(-1, -2)
+    norm = torch.linalg.vector_norm(raw, dim=whole, keepdim=keep)
+    return raw.div_(norm).masked_fill_(constant, 0), constant
 
 
 def unit_gram(p) -> Tensor:
@@ -73,32 +78,33 @@ def unit_gram(p) -> Tensor:
 
 
 class _LinearCKAStack(torch.autograd.Function):
-    """CKA of ``x[i]: (n, d)`` against unit centred Grams ``l[i]: (n, n)``, for i < m, one node."""
+    """CKA of ``x[i]: (n, d)`` against unit centred Grams ``l[i]: (n, n)``, for i < m, one node:
+    eighteen aten ops forward and seven backward for the whole stack."""
 
     @staticmethod
     def forward(ctx, x: Tensor, l: Tensor) -> Tensor:
         m = x.shape[0]
-        xc = x - x.mean(dim=1, keepdim=True)
-        lo, hi = torch.aminmax(x.reshape(m, -1), dim=1)
-        clo, chi = torch.aminmax(xc.reshape(m, -1), dim=1)
-        spread = torch.maximum(chi, -clo)  # max |x − x̄|, as Prepared measures it
-        constant = spread <= _CONSTANT_ULPS * torch.finfo(x.dtype).eps * torch.maximum(hi, -lo)
-        scale = (spread + torch.finfo(x.dtype).tiny).reciprocal_()
-        xs = xc.mul_(scale[:, None, None])  # |xs| ≤ 1: its Gram neither over- nor underflows
+        # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
+        # underflows; x[i] is constant when every centred entry is within 64 ulps of it.
+        top = torch.linalg.vector_norm(x, ord=inf, dim=(1, 2), keepdim=True).add_(torch.finfo(x.dtype).tiny)
+        xs = (x - x.mean(dim=1, keepdim=True)).div_(top)
+        spread = torch.linalg.vector_norm(xs, ord=inf, dim=(1, 2), keepdim=True)
         k = torch.bmm(xs, xs.transpose(1, 2))
-        # |K| ≥ 1 unless constant (some |xs| entry is 1), so only a constant input needs the mask.
-        inv = torch.linalg.vector_norm(k, dim=(1, 2)).reciprocal_().masked_fill_(constant, 0)
-        sim = (k * l).sum(dim=(1, 2)).mul_(inv)
-        ctx.save_for_backward(xs, k, l, inv, sim, scale)
-        return sim
+        inv = torch.linalg.vector_norm(k, dim=(1, 2), keepdim=True).reciprocal_()
+        inv.masked_fill_(spread <= _CONSTANT_ULPS * torch.finfo(x.dtype).eps, 0)
+        sim = (k * l).sum(dim=(1, 2), keepdim=True).mul_(inv)
+        coef = sim * inv
+        # d sim / dK = (L̂ − sim/|K| · K) / |K|; dK/dxs: (G + Gᵀ) xs = 2 G xs (G symmetric); dxs/dx:
+        # 1/top times the centring (CKA is invariant to the scale, so its own derivative is 0).
+        ctx.save_for_backward(xs, k, l, coef, inv.div_(top))
+        return sim.view(m)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xs, k, l, inv, sim, scale = ctx.saved_tensors
-        # d sim / dK = (L̂ − sim/|K| · K) / |K|; dK/dxs: (G + Gᵀ) xs = 2 G xs (G symmetric); dxs/dx:
-        # the scale times the centring (CKA is invariant to the scale, so its own derivative is 0).
-        g = torch.addcmul(l, k, (sim * inv)[:, None, None], value=-1)
-        gx = torch.bmm(g, xs).mul_((grad * inv * scale * 2)[:, None, None])
+        xs, k, l, coef, factor = ctx.saved_tensors
+        # 2 G xs (beta=0: the first xs only gives the shape), times grad/(|K| top).
+        gx = torch.baddbmm(xs, torch.addcmul(l, k, coef, value=-1), xs, beta=0, alpha=2)
+        gx.mul_(grad.view(-1, 1, 1) * factor)
         return gx - gx.mean(dim=1, keepdim=True), None
 
 
