@@ -21,6 +21,7 @@ from repguide.similarity.base import (
     sq_distances,
     upper_triangle,
 )
+from repguide.similarity.minibatch_grams import centred_gram
 
 __all__ = ["LinearCKA", "MinibatchCKA", "RbfCKA", "UnbiasedLinearCKA", "cka", "gram_norm", "use_gram_form"]
 
@@ -167,19 +168,19 @@ def _centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype | None 
     So a float32 product, half the cost of a float64 one, stays within ~1e-7 of a float64
     reference on float32 activations, nearly constant deep layers included (tests/test_analysis.py).
 
-    Prepared centres and rescales each input by its own largest entry, which one CKA value is
-    invariant to but a ratio of HSICs summed over batches is not, so the Gram is scaled back by
-    the spread². Prepared also decides what counts as constant, so a constant layer scores 0 here
-    exactly as in every measure.
+    :func:`~repguide.similarity.minibatch_grams.centred_gram` centres x and takes the symmetric
+    product without :class:`Prepared`'s rescale, deciding from the Gram's diagonal whether the
+    product was safe from over- and underflow (else it is redone through Prepared, which rescales)
+    and, as Prepared does, what counts as constant, so a constant layer scores 0 here exactly as in
+    every measure.
     """
     if gram_dtype is None:
         gram_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if torch.finfo(gram_dtype).bits > torch.finfo(dtype).bits:
         gram_dtype = dtype
-    p = Prepared(x.reshape(x.shape[0], -1).to(gram_dtype), min_n=4)  # centred, unit spread
-    if p.constant:
-        return x.new_zeros(x.shape[0], x.shape[0], dtype=dtype)
-    return (p.x @ p.x.T).to(dtype) * p.spread.to(dtype).square()
+    if x.shape[0] < 4:
+        raise MeasureError(f"this measure needs at least 4 examples (rows); got n={x.shape[0]}")
+    return centred_gram(x.reshape(x.shape[0], -1), dtype, gram_dtype)
 
 
 def _u_centre(k: Tensor) -> Tensor:
