@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from repguide.similarity import MinibatchCKA, Prepared
+from repguide.similarity.kernel_alignment import _u_centred
 from repguide.similarity.minibatch_grams import centred_gram, symmetric_gram
 
 
@@ -72,6 +73,27 @@ def test_centred_gram_of_a_non_finite_input_is_non_finite():
         assert not torch.isfinite(centred_gram(x, torch.float64, torch.float32)).all()
 
 
+def hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012) eq. 5 on float64 Grams."""
+    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+    n = len(k)
+    return ((k * l).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (k @ l).sum()) / (n * (n - 3))
+
+
+def test_inner_products_of_u_centred_grams_are_n_n_minus_3_times_hsic1():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(9, d, generator=g, dtype=torch.float64) + 3 for d in (2, 5, 30)]
+    grams = [x @ x.T for x in xs]  # uncentred: U-centring removes the mean itself
+    u = _u_centred([k.float() for k in grams[:1]] + grams[1:], torch.float64)  # any input dtype
+    assert u.shape == (3, 81) and u.dtype == torch.float64
+    n = 9
+    for i in range(3):
+        for j in range(3):
+            expected = n * (n - 3) * hsic1(grams[i], grams[j])
+            tol = 1e-5 if 0 in (i, j) else 1e-10  # the first Gram was rounded to float32
+            assert float(u[i] @ u[j]) == pytest.approx(float(expected), rel=tol, abs=tol * float(expected.abs()) + 1e-9)
+
+
 def test_minibatch_cka_with_blocked_grams_is_within_1e_6_of_a_float64_reference_on_deep_layers():
     """Batches of 256, where the Grams of the 512-wide layers take the row-block product: layers 1,
     6 and 12 of a ReLU FCN at PyTorch's default init (the deep ones small and nearly constant across
@@ -89,11 +111,6 @@ def test_minibatch_cka_with_blocked_grams_is_within_1e_6_of_a_float64_reference_
             acts.append(1000 + 0.01 * torch.randn(256, 600))
             batches.append(acts)
     assert batches[0][2].std(0).mean() < 0.1 * batches[0][2].abs().mean()  # nearly constant
-
-    def hsic1(k, l):  # Song et al. (2012) eq. 5 on float64 Grams of float64-centred features
-        k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
-        n = len(k)
-        return ((k * l).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (k @ l).sum()) / (n * (n - 3))
 
     grams = [[centred_gram_reference(x) for x in acts] for acts in batches]
     layers = range(len(batches[0]))
