@@ -8,7 +8,7 @@ decided is read off the n×n Gram's diagonal and the d column means afterwards (
 layer, which an analysis can afford), and only an input whose Gram could have lost precision, or
 whose constancy those values cannot settle, is read again (benchmarks/README.md, log #35).
 
-:func:`symmetric_gram` computes ``a @ aᵀ`` in row blocks (the blocks on and above the diagonal,
+:func:`symmetric_gram` computes ``a @ aᵀ`` in row blocks (the blocks on and below the diagonal,
 mirrored), which torch's general product, with no symmetric rank-k update, does not exploit.
 """
 
