@@ -13,13 +13,17 @@ Conventions shared by every measure:
   (:meth:`Prepared.gram_only`, for a frozen guide's layers, shifts the rows by the first one and
   scales by the range in one pass, then centres the n×n Gram, all on the device:
   :mod:`~repguide.similarity.fused`, which also holds the one-node linear CKA a guided step uses;
-  on a CPU it centres the raw Gram where a host-side check finds that precise.)
+  on a CPU it centres the raw Gram where a host-side check finds that precise. The Grams of
+  :class:`MinibatchCKA`, summed over batches and never differentiated, are only centred, and
+  redone with the rescale where their diagonal shows it was needed:
+  :mod:`~repguide.similarity.minibatch_grams`.)
 * A *constant* input (every row identical, to rounding) has no structure to compare: the
   similarity is defined as exactly 0, with zero (finite) gradients. Note this means a layer that has
   collapsed to a constant receives no alignment gradient.
 
 Modules: :mod:`~repguide.similarity.base` (the registry :data:`MEASURES`, :class:`Measure`, :class:`Prepared`,
-shared numerics), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set),
+shared numerics), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set;
+its Grams in :mod:`~repguide.similarity.minibatch_grams`),
 :mod:`~repguide.similarity.rsa`, :mod:`~repguide.similarity.procrustes` and
 :mod:`~repguide.similarity.sketching`. A measure is added with :func:`register_measure`.
 """

@@ -21,6 +21,7 @@ from repguide.similarity.base import (
     sq_distances,
     upper_triangle,
 )
+from repguide.similarity.minibatch_grams import centred_gram
 
 __all__ = ["LinearCKA", "MinibatchCKA", "RbfCKA", "UnbiasedLinearCKA", "cka", "gram_norm", "use_gram_form"]
 
@@ -167,29 +168,41 @@ def _centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype | None 
     So a float32 product, half the cost of a float64 one, stays within ~1e-7 of a float64
     reference on float32 activations, nearly constant deep layers included (tests/test_analysis.py).
 
-    Prepared centres and rescales each input by its own largest entry, which one CKA value is
-    invariant to but a ratio of HSICs summed over batches is not, so the Gram is scaled back by
-    the spread². Prepared also decides what counts as constant, so a constant layer scores 0 here
-    exactly as in every measure.
+    :func:`~repguide.similarity.minibatch_grams.centred_gram` centres x and takes the symmetric
+    product without :class:`Prepared`'s rescale, deciding from the Gram's diagonal whether the
+    product was safe from over- and underflow (else it is redone through Prepared, which rescales)
+    and, as Prepared does, what counts as constant, so a constant layer scores 0 here exactly as in
+    every measure.
     """
     if gram_dtype is None:
         gram_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if torch.finfo(gram_dtype).bits > torch.finfo(dtype).bits:
         gram_dtype = dtype
-    p = Prepared(x.reshape(x.shape[0], -1).to(gram_dtype), min_n=4)  # centred, unit spread
-    if p.constant:
-        return x.new_zeros(x.shape[0], x.shape[0], dtype=dtype)
-    return (p.x @ p.x.T).to(dtype) * p.spread.to(dtype).square()
+    if x.shape[0] < 4:
+        raise MeasureError(f"this measure needs at least 4 examples (rows); got n={x.shape[0]}")
+    return centred_gram(x.reshape(x.shape[0], -1), dtype, gram_dtype)
 
 
-def _u_centre(k: Tensor) -> Tensor:
-    """The U-centred ``k: (n, n)`` (Székely & Rizzo 2014): ``<_u_centre(K), _u_centre(L)>_F`` is
-    :func:`_u_inner` ``(K, L)``, so a stack of U-centred Grams gives every layer pair's HSIC₁ in
-    one matrix product instead of one ``_u_inner`` call per pair."""
-    n = k.shape[0]
-    kt = k.clone().fill_diagonal_(0)
-    rows = kt.sum(dim=1, keepdim=True) / (n - 2)
-    return (kt - rows - rows.T + kt.sum() / ((n - 1) * (n - 2))).fill_diagonal_(0)
+def _u_centred(grams: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The U-centred ``grams[i]: (n, n)`` (Székely & Rizzo 2014), as rows of a ``(len(grams), n²)``
+    stack in ``dtype``: ``<U(K), U(L)>_F`` is :func:`_u_inner` ``(K, L)``, so the stacks of two
+    models give every layer pair's HSIC₁ in one matrix product instead of one ``_u_inner`` per pair.
+
+    U(K) = K̃ - r1ᵀ - 1rᵀ + c11ᵀ off the diagonal (K̃: K with a zero diagonal, r its row sums / (n-2),
+    c its sum / ((n-1)(n-2))), 0 on it; the rank-2 correction is one batched product over all layers,
+    ``-(r - c/2)1ᵀ - 1(r - c/2)ᵀ``.
+    """
+    n = grams[0].shape[0]
+    u = torch.empty(len(grams), n, n, dtype=dtype, device=grams[0].device)
+    for out, k in zip(u, grams):
+        out.copy_(k)
+    u.diagonal(dim1=1, dim2=2).zero_()
+    rows = u.sum(dim=2) / (n - 2)
+    shift = rows - rows.sum(dim=1, keepdim=True) / (2 * (n - 1))  # r - c/2
+    ones = torch.ones_like(shift)
+    u.baddbmm_(torch.stack([shift, ones], dim=2), torch.stack([ones, shift], dim=1), alpha=-1)
+    u.diagonal(dim1=1, dim2=2).zero_()
+    return u.flatten(1)
 
 
 class MinibatchCKA:
@@ -233,13 +246,13 @@ class MinibatchCKA:
         scale = n * (n - 3)  # <U(K), U(L)> is n(n-3)·HSIC₁
 
         def centred(features: Sequence[Tensor]) -> Tensor:  # (layers, n²)
-            return torch.stack([_u_centre(_centred_gram(x.to(device), self.dtype, self.gram_dtype)).flatten() for x in features])
+            return _u_centred([_centred_gram(x.to(device), self.dtype, self.gram_dtype) for x in features], self.dtype)
 
         u_a = centred(features_a)
         u_b = u_a if features_b is features_a else centred(features_b)
         xy = u_a @ u_b.T / scale
-        xx = u_a.square().sum(dim=1) / scale
-        yy = xx if u_b is u_a else u_b.square().sum(dim=1) / scale
+        xx = torch.linalg.vecdot(u_a, u_a) / scale
+        yy = xx if u_b is u_a else torch.linalg.vecdot(u_b, u_b) / scale
         if self.xy is None:
             self.xy, self.xx, self.yy = xy, xx, yy
         else:
