@@ -6,7 +6,7 @@ and a subtract-and-divide pass over x) and centres the n×n Gram on the device. 
 (the path before commit c198737, and since log #31 the CPU default) takes the raw Gram of x, centres
 it as an n×n matrix and decides on the host (one ``bool(...)``) whether that was precise enough,
 falling back to the device path where the rows' common mean holds > 15/16 of their energy or the
-products could overflow. ``repguide.similarity.base.RAW_GRAM_ON_CPU`` picks one. This runs both in
+products could overflow. ``repguide.similarity.fused.CPU_TUNED`` picks one. This runs both in
 one process, interleaved:
 
 * on every guide layer a workload's exact step prepares (the inputs recorded from one step), the
@@ -35,21 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORKLOADS, check_environment, interleaved, machine, require_cpu, save, table  # noqa: E402
 from bench_step import Runner  # noqa: E402
 
-from repguide.similarity import Prepared, base  # noqa: E402
+from repguide.similarity import Prepared, base, fused  # noqa: E402
 
 GRAM_ONLY = Prepared.__dict__["gram_only"]
 RAW = "raw Gram + host check (CPU default)"
-PATHS = {"device path": False, RAW: True}  # name → RAW_GRAM_ON_CPU
+PATHS = {"device path": False, RAW: True}  # name → fused.CPU_TUNED
 
 
 @contextlib.contextmanager
 def gram_path(name: str):
-    default = base.RAW_GRAM_ON_CPU
-    base.RAW_GRAM_ON_CPU = PATHS[name]
+    default = fused.CPU_TUNED
+    fused.CPU_TUNED = PATHS[name]
     try:
         yield
     finally:
-        base.RAW_GRAM_ON_CPU = default
+        fused.CPU_TUNED = default
 
 
 def fallbacks(xs: list[torch.Tensor]) -> int:

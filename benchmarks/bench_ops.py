@@ -22,7 +22,7 @@ On CUDA (``BENCH_DEVICE=cuda``) each guided step is also run once under
 that check is skipped.
 
 Only the public API is used (``repguide.Guidance``, ``repguide.GuideFeatureCache``), and one
-internal switch: ``repguide.similarity.base.RAW_GRAM_ON_CPU = False``, so that the guide's Grams take
+internal switch: ``repguide.similarity.fused.CPU_TUNED = False``, so that the guide's Grams take
 the sync-free device path on the CPU too (by default a CPU takes a raw-Gram path with one host read
 per guide layer, free there: benchmarks/README.md, log #31), and the syncs counted here are those an
 accelerator would wait for.
@@ -49,9 +49,9 @@ from _common import CUDA, DEVICE, WORKLOADS, check_environment, machine, save, t
 from bench_step import Runner  # noqa: E402
 
 import repguide as rg  # noqa: E402
-from repguide.similarity import base  # noqa: E402
+from repguide.similarity import fused  # noqa: E402
 
-base.RAW_GRAM_ON_CPU = False  # count the device path (see the docstring)
+fused.CPU_TUNED = False  # count the accelerator's paths (see the docstring)
 
 GOAL_OPS, GOAL_SYNCS = 30, 0
 MEASURES = ["cka", "cka_unbiased", "cka_rbf", "rsa", "procrustes"]

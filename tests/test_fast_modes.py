@@ -8,7 +8,7 @@ from torch import nn
 import repguide as rg
 from repguide.guidance import GuideFeatureCache
 from repguide.similarity import Prepared, get_measure, sketch
-from repguide.similarity import base
+from repguide.similarity import fused
 from repguide.similarity.base import gram_matrix
 
 from _nets import CountForwards, mlp
@@ -79,7 +79,7 @@ def _unit(k):
 def gram_path(request, monkeypatch):
     """Both paths of Prepared.gram_only: the CPU default (raw Gram, host-side check) and the
     sync-free device path an accelerator takes."""
-    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", request.param)
+    monkeypatch.setattr(fused, "CPU_TUNED", request.param)
     return request.param
 
 

@@ -3,7 +3,7 @@
 for every measure and fast mode; and the stacked linear CKA equals the per-pair path.
 
 The counts are taken on a CPU as a proxy for an accelerator, so the guide's Grams take the device
-path here (``similarity.base.RAW_GRAM_ON_CPU = False``): on a CPU they default to a raw-Gram path
+path here (``similarity.fused.CPU_TUNED = False``): on a CPU they default to a raw-Gram path
 that decides on the host, where reading a value costs nothing (benchmarks/README.md, log #31)."""
 
 import pytest
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repguide as rg
-from repguide.similarity import base, get_measure
+from repguide.similarity import fused, get_measure
 from repguide.similarity.fused import linear_cka_stack, unit_centred_gram
 
 aten = torch.ops.aten
@@ -47,7 +47,7 @@ def _nets():
 
 @pytest.fixture(autouse=True)
 def device_path(monkeypatch):
-    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", False)
+    monkeypatch.setattr(fused, "CPU_TUNED", False)
 
 
 MODES = {f"exact {m}": dict(measure=m) for m in ["cka", "cka_unbiased", "cka_rbf", "rsa", "procrustes"]} | {
@@ -88,7 +88,7 @@ def test_a_guided_step_makes_no_host_sync(mode):
 
 def test_on_a_cpu_the_guide_grams_are_checked_on_the_host_by_default(monkeypatch):
     # The CPU default: one host read per guide layer (free there), no pass over x besides its Gram.
-    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", True)
+    monkeypatch.setattr(fused, "CPU_TUNED", True)
     target, guide = _nets()
     x = torch.randn(16, 1, 8, 8)
     guidance = rg.Guidance(target, guide, pairs=[("1", "0"), ("4", "3")], example_input=x)
@@ -96,16 +96,17 @@ def test_on_a_cpu_the_guide_grams_are_checked_on_the_host_by_default(monkeypatch
     with _Syncs() as syncs:
         raw = guidance(x).similarities
     assert syncs.found == ["aten._local_scalar_dense.default"] * 2
-    monkeypatch.setattr(base, "RAW_GRAM_ON_CPU", False)
+    monkeypatch.setattr(fused, "CPU_TUNED", False)
     device = guidance(x).similarities
     for key in raw:
         assert abs(raw[key].item() - device[key].item()) <= 1e-6
 
 
-def test_the_stacked_linear_cka_equals_the_per_pair_path():
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # offset inputs: the gradient's centring is implicit
+def test_the_stacked_linear_cka_equals_the_per_pair_path(offset):
     torch.manual_seed(0)
-    xs = [torch.randn(24, 40, requires_grad=True) for _ in range(3)]
-    guides = [torch.randn(24, 9) @ torch.randn(9, 70) for _ in range(3)]
+    xs = [(torch.randn(24, 40) + offset).requires_grad_() for _ in range(3)]
+    guides = [torch.randn(24, 9) @ torch.randn(9, 70) + offset for _ in range(3)]
     units = [unit_centred_gram(g)[0] for g in guides]
     stacked = linear_cka_stack(torch.stack(xs), torch.stack(units))
     grads = torch.autograd.grad(stacked.sum(), xs)

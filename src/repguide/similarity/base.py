@@ -15,7 +15,8 @@ from torch import Tensor
 from repguide._registry import Registry
 from repguide.errors import MeasureError
 
-from repguide.similarity.fused import unit_centred_gram, unit_centred_grams
+from repguide.similarity import fused
+from repguide.similarity.fused import symmetric_gram, unit_centred_gram, unit_centred_grams
 
 __all__ = [
     "MEASURES",
@@ -170,7 +171,7 @@ class Prepared:
         a zero Gram.
         On a CPU, where a host read costs nothing, the raw Gram of x centred as a matrix is taken
         instead wherever a host-side check finds it precise (:func:`_raw_centred_gram`): no pass
-        over x besides the product (:data:`RAW_GRAM_ON_CPU` turns that off). A reduced
+        over x besides the product (:data:`~repguide.similarity.fused.CPU_TUNED` turns that off). A reduced
         ``matmul_dtype`` always takes the device path, whose operands are centred before they are
         rounded (the rounding of uncentred ones would be magnified).
         """
@@ -178,7 +179,7 @@ class Prepared:
         with torch.no_grad():
             x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
             exact = matmul_dtype in (None, x.dtype)
-            unit = _raw_centred_gram(x) if exact and RAW_GRAM_ON_CPU and x.device.type == "cpu" else None
+            unit = _raw_centred_gram(x) if exact and fused.CPU_TUNED and x.device.type == "cpu" else None
             if unit is not None:
                 constant = torch.zeros((), dtype=torch.bool)
             else:
@@ -199,23 +200,15 @@ class Prepared:
 def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
     """:meth:`Prepared.gram_only` of every position of ``x: (n, positions, d)`` (a per-position
     guide layer), the Grams of all positions made by one set of batched ops on the device path
-    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with :data:`RAW_GRAM_ON_CPU`,
+    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with :data:`~repguide.similarity.fused.CPU_TUNED`,
     position by position on the raw-Gram path."""
-    if RAW_GRAM_ON_CPU and x.device.type == "cpu":
+    if fused.CPU_TUNED and x.device.type == "cpu":
         return [Prepared.gram_only(xi, min_n) for xi in x.unbind(1)]
     _check_input(x[:, 0], min_n)
     with torch.no_grad():
         x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
         units, constant = unit_centred_grams(x.transpose(0, 1))
     return [Prepared._of_unit_gram(u, c, x.shape[2]) for u, c in zip(units.unbind(0), constant.unbind(0))]
-
-
-#: Whether :meth:`Prepared.gram_only` tries its raw-Gram path on a CPU (the default): a host read
-#: costs nothing there, and the device path's passes over x cost 17-22% of the guide's Grams
-#: (benchmarks/README.md, log #31). False takes the device path on a CPU too, as on an accelerator:
-#: tests/test_sync_free.py and benchmarks/bench_ops.py set it, so that the host syncs they count on
-#: a CPU are the ones an accelerator would wait for.
-RAW_GRAM_ON_CPU = True
 
 
 def _raw_centred_gram(x: Tensor) -> Tensor | None:
@@ -225,7 +218,7 @@ def _raw_centred_gram(x: Tensor) -> Tensor | None:
     or underflow, or x is not finite. Within ~2e-6 of centring x first, relative to the largest
     entry (benchmarks/README.md, log #8)."""
     finfo = torch.finfo(x.dtype)
-    raw = x @ x.T
+    raw = symmetric_gram(x)  # on a CPU, in row blocks for large products (log #36, #48)
     rows = raw.mean(dim=1)
     centred = raw - rows[:, None] - rows[None, :] + rows.mean()
     # The row norms bound every partial sum of the product (Cauchy-Schwarz), so none over- or

@@ -9,6 +9,9 @@ Two halves, each a handful of aten ops (on a GPU, a handful of kernel launches):
   products; backward one ``bmm``. Pairs of equal shape are batched through it.
 
 CKA = <K, L̂> / |K| with K the centred Gram of the rescaled target and L̂ = L / |L|.
+
+:func:`symmetric_gram` is ``a @ aᵀ`` from row blocks on a CPU (the guide's raw Grams there, and
+``repguide.compare``'s).
 """
 
 from __future__ import annotations
@@ -18,11 +21,54 @@ from math import inf
 import torch
 from torch import Tensor
 
-__all__ = ["linear_cka_stack", "unit_centred_gram", "unit_centred_grams", "unit_gram"]
+__all__ = ["linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_grams", "unit_gram"]
 
 # An input whose every centred entry is within this many ulps of its largest |entry| is constant
 # (what Prepared decides; rounding in a mean leaves residuals of a few ulps).
 _CONSTANT_ULPS = 64
+
+#: Whether a CPU takes the paths tuned for it: the raw guide Gram with its host-side check
+#: (:meth:`~repguide.similarity.base.Prepared.gram_only`; a host read costs nothing there, and the
+#: device path's passes over x cost 17-22% of the guide's Grams, benchmarks/README.md log #31) and
+#: max |x| as amax and amin (``vector_norm(ord=inf)``, one op, is 5-10x slower on a CPU, log #47).
+#: False takes the accelerator's paths on a CPU too: tests/test_sync_free.py and
+#: benchmarks/bench_ops.py set it, so that the ops and host syncs they count on a CPU are the
+#: ones an accelerator would run.
+CPU_TUNED = True
+
+
+def _abs_max(x: Tensor, dim: tuple[int, ...] | None = None, keepdim: bool = False) -> Tensor:
+    """max |x| over ``dim`` (all of x for None): one op on an accelerator, four faster ones on a CPU."""
+    if CPU_TUNED and x.device.type == "cpu":
+        dims = () if dim is None else dim
+        return torch.maximum(x.amax(dim=dims, keepdim=keepdim), x.amin(dim=dims, keepdim=keepdim).neg_())
+    return torch.linalg.vector_norm(x, ord=inf, dim=dim, keepdim=keepdim)
+
+
+#: Row blocks of at least this many rows, at most :data:`MAX_BLOCKS` of them, and only for products
+#: of at least :data:`MIN_BLOCKED_MACS` multiply-adds: below that the smaller products lose more
+#: speed than the skipped blocks save (benchmarks/README.md log #36, measured with 1 thread on this project's CPU).
+MIN_BLOCK_ROWS = 64
+MAX_BLOCKS = 4
+MIN_BLOCKED_MACS = 1 << 25
+
+
+def symmetric_gram(a: Tensor) -> Tensor:
+    """``a @ aᵀ`` for ``a: (n, d)``; on a CPU, for large products, from k = 2..4 row blocks: block
+    column j is ``a[lo_j:] @ a[lo_j:hi_j]ᵀ`` (the blocks on and below the diagonal) and is mirrored
+    above it, (k+1)/(2k) of the multiply-adds. Symmetric to rounding, as ``a @ aᵀ`` is (the blocks
+    off the diagonal exactly: each and its mirror are one product)."""
+    n, d = a.shape
+    k = min(MAX_BLOCKS, n // MIN_BLOCK_ROWS)
+    if a.device.type != "cpu" or k < 2 or n * n * d < MIN_BLOCKED_MACS:
+        return a @ a.T
+    out = a.new_empty(n, n)
+    cuts = [i * n // k for i in range(k + 1)]
+    for lo, hi in zip(cuts, cuts[1:]):
+        column = a[lo:] @ a[lo:hi].T  # (n - lo, hi - lo)
+        out[lo:, lo:hi] = column
+        out[lo:hi, hi:] = column[hi - lo :].T
+    return out
 
 
 def unit_centred_gram(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -56,8 +102,8 @@ def _unit_centred_grams(
     y = x - x.mean(dim=rows, keepdim=True)
     y.sub_(y.mean(dim=rows, keepdim=True))
     finfo = torch.finfo(x.dtype)
-    y.div_(torch.linalg.vector_norm(x, ord=inf, dim=whole, keepdim=keep).add_(finfo.tiny))
-    constant = torch.linalg.vector_norm(y, ord=inf, dim=whole, keepdim=keep) <= _CONSTANT_ULPS * finfo.eps
+    y.div_(_abs_max(x, whole, keep).add_(finfo.tiny))
+    constant = _abs_max(y, whole, keep) <= _CONSTANT_ULPS * finfo.eps
     if matmul_dtype not in (None, x.dtype):
         low = y.to(matmul_dtype)
         raw = (low @ low.transpose(-1, -2)).to(x.dtype)
@@ -79,16 +125,16 @@ def unit_gram(p) -> Tensor:
 
 class _LinearCKAStack(torch.autograd.Function):
     """CKA of ``x[i]: (n, d)`` against unit centred Grams ``l[i]: (n, n)``, for i < m, one node:
-    eighteen aten ops forward and seven backward for the whole stack."""
+    eighteen aten ops forward and five backward for the whole stack."""
 
     @staticmethod
     def forward(ctx, x: Tensor, l: Tensor) -> Tensor:
         m = x.shape[0]
         # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
         # underflows; x[i] is constant when every centred entry is within 64 ulps of it.
-        top = torch.linalg.vector_norm(x, ord=inf, dim=(1, 2), keepdim=True).add_(torch.finfo(x.dtype).tiny)
+        top = _abs_max(x, (1, 2), keepdim=True).add_(torch.finfo(x.dtype).tiny)
         xs = (x - x.mean(dim=1, keepdim=True)).div_(top)
-        spread = torch.linalg.vector_norm(xs, ord=inf, dim=(1, 2), keepdim=True)
+        spread = _abs_max(xs, (1, 2), keepdim=True)
         k = torch.bmm(xs, xs.transpose(1, 2))
         inv = torch.linalg.vector_norm(k, dim=(1, 2), keepdim=True).reciprocal_()
         inv.masked_fill_(spread <= _CONSTANT_ULPS * torch.finfo(x.dtype).eps, 0)
@@ -102,13 +148,15 @@ class _LinearCKAStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         xs, k, l, coef, factor = ctx.saved_tensors
-        # 2 G xs (beta=0: the first xs only gives the shape), times grad/(|K| top).
-        gx = torch.baddbmm(xs, torch.addcmul(l, k, coef, value=-1), xs, beta=0, alpha=2)
-        gx.mul_(grad.view(-1, 1, 1) * factor)
-        return gx - gx.mean(dim=1, keepdim=True), None
+        # 2 G xs · grad/(|K| top), the scalars folded into the n×n G (not a pass over the n×d
+        # result; beta=0: the first xs only gives the shape). The centring of dxs/dx is left out:
+        # G xs is centred already, as 1ᵀG = 1ᵀL̂ − coef·1ᵀK = 0 for a centred L̂ and a centred xs.
+        g = torch.addcmul(l, k, coef, value=-1).mul_(grad.view(-1, 1, 1) * factor)
+        return torch.baddbmm(xs, g, xs, beta=0, alpha=2), None
 
 
 def linear_cka_stack(x: Tensor, l: Tensor) -> Tensor:
     """``(m,)`` linear CKA of ``x: (m, n, d)`` against unit centred Grams ``l: (m, n, n)`` (from
-    :func:`unit_centred_gram` or :func:`unit_gram`); 0 for a constant x[i], NaN for a non-finite one."""
+    :func:`unit_centred_gram` or :func:`unit_gram`; the gradient assumes them centred, 1ᵀl[i] = 0);
+    0 for a constant x[i], NaN for a non-finite one."""
     return _LinearCKAStack.apply(x, l)

@@ -8,8 +8,9 @@ decided is read off the n×n Gram's diagonal and the d column means afterwards (
 layer, which an analysis can afford), and only an input whose Gram could have lost precision, or
 whose constancy those values cannot settle, is read again (benchmarks/README.md, log #35).
 
-:func:`symmetric_gram` computes ``a @ aᵀ`` in row blocks (the blocks on and below the diagonal,
-mirrored), which torch's general product, with no symmetric rank-k update, does not exploit.
+:func:`~repguide.similarity.fused.symmetric_gram` computes ``a @ aᵀ`` in row blocks (the blocks on
+and below the diagonal, mirrored), which torch's general product, with no symmetric rank-k update,
+does not exploit; the guide's raw Grams on a CPU use it too.
 """
 
 from __future__ import annotations
@@ -18,36 +19,12 @@ import torch
 from torch import Tensor
 
 from repguide.similarity.base import Prepared, _abs_max, _compute_dtype
+from repguide.similarity.fused import symmetric_gram
 
 __all__ = ["centred_gram", "symmetric_gram"]
 
-#: Row blocks of at least this many rows, at most :data:`MAX_BLOCKS` of them, and only for products
-#: of at least :data:`MIN_BLOCKED_MACS` multiply-adds: below that the smaller products lose more
-#: speed than the skipped blocks save (log #36, measured with 1 thread on this project's CPU).
-MIN_BLOCK_ROWS = 64
-MAX_BLOCKS = 4
-MIN_BLOCKED_MACS = 1 << 25
-
 #: Prepared's constancy test: every centred entry within this many ulps of the largest |entry|.
 CONSTANT_ULPS = 64
-
-
-def symmetric_gram(a: Tensor) -> Tensor:
-    """``a @ aᵀ`` for ``a: (n, d)``; on a CPU, for large products, from k = 2..4 row blocks: block
-    column j is ``a[lo_j:] @ a[lo_j:hi_j]ᵀ`` (the blocks on and below the diagonal) and is mirrored
-    above it, (k+1)/(2k) of the multiply-adds. Symmetric to rounding, as ``a @ aᵀ`` is (the blocks
-    off the diagonal exactly: each and its mirror are one product)."""
-    n, d = a.shape
-    k = min(MAX_BLOCKS, n // MIN_BLOCK_ROWS)
-    if a.device.type != "cpu" or k < 2 or n * n * d < MIN_BLOCKED_MACS:
-        return a @ a.T
-    out = a.new_empty(n, n)
-    cuts = [i * n // k for i in range(k + 1)]
-    for lo, hi in zip(cuts, cuts[1:]):
-        column = a[lo:] @ a[lo:hi].T  # (n - lo, hi - lo)
-        out[lo:, lo:hi] = column
-        out[lo:hi, hi:] = column[hi - lo :].T
-    return out
 
 
 def centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype) -> Tensor:
