@@ -66,7 +66,8 @@ def count(target, guide, x, options=None):
         forward = counted(lambda: guide(x))
     pairs = len(guidance.pairs)
     ours = sum(n for (_, site), n in guided.syncs.items() if site.startswith("src/repguide"))
-    return pairs, (guided.total - plain.total - forward.total) / pairs, f"{ours} ({guided.sync_count} / {plain.sync_count})"
+    syncs = f"{ours} ({guided.sync_count} / {plain.sync_count})"
+    return pairs, (guided.total - plain.total - forward.total) / pairs, syncs
 
 
 def main() -> None:

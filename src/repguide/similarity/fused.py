@@ -47,7 +47,7 @@ def _abs_max(x: Tensor, dim: tuple[int, ...] | None = None, keepdim: bool = Fals
 
 #: Row blocks of at least this many rows, at most :data:`MAX_BLOCKS` of them, and only for products
 #: of at least :data:`MIN_BLOCKED_MACS` multiply-adds: below that the smaller products lose more
-#: speed than the skipped blocks save (benchmarks/README.md log #36, measured with 1 thread on this project's CPU).
+#: speed than the skipped blocks save (benchmarks/README.md log #36, 1 thread on this project's CPU).
 MIN_BLOCK_ROWS = 64
 MAX_BLOCKS = 4
 MIN_BLOCKED_MACS = 1 << 25
