@@ -3,7 +3,8 @@
 Linear CKA (the default measure) in the Gram form goes through
 :func:`repguide.similarity.fused.linear_cka_stack`: the pairs whose target activations share a
 shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
-and compared in one autograd node, about ten aten ops for the whole stack and one ``bmm`` each way.
+and compared in one autograd node: 18 aten ops forward and 5 backward for the whole stack, one
+``bmm`` each way (benchmarks/README.md, log #46).
 Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
 ``compare``, each target layer prepared once. No path reads a value on the host (the guide's
 Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_only`).
