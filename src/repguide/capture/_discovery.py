@@ -210,8 +210,8 @@ def discover(
     ``layers``: ``"blocks"``, ``"leaves"``, ``"all"`` or ``"official"``; ``types``: module classes
     that override it (see the module docstring). The model runs twice, on the example batch and on
     it with its first example repeated, in its current train/eval mode, under no_grad, with its
-    buffers and the RNG restored afterwards. A layer's batch axis is the one axis that grew by one, so it is found
-    even when another axis has the batch size. Layers whose output has no such axis are not
+    buffers and the RNG restored afterwards. A layer's batch axis is the one axis that grew by one,
+    so it is found even when another axis has the batch size. Layers whose output has no such axis are not
     candidates; a model with no candidate at all is an error that says what to do.
     """
     n = input_batch_size(example_args, example_kwargs, input_batch_axis)

@@ -75,13 +75,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _abs_max(x: Tensor) -> Tensor:
-    """max |x| in one pass without an |x| temporary (faster than ``vector_norm(ord=inf)`` or
-    ``abs().amax()``; benchmarks/README.md records by how much)."""
-    low, high = torch.aminmax(x)
-    return torch.maximum(high, -low)
-
-
 class _Gram(torch.autograd.Function):
     """``a @ aᵀ`` whose backward is one product, ``(G + Gᵀ) a``, where autograd would do two."""
 
@@ -117,10 +110,10 @@ class Prepared:
         self.n, self.d = x.shape
         xc = x - x.mean(dim=0, keepdim=True)
         # Scale-free constant test: rounding in the mean leaves residuals of a few ulps of |x|.
-        top = _abs_max(x.detach())
-        spread = _abs_max(xc.detach())
+        top = fused.abs_max(x.detach())
+        spread = fused.abs_max(xc.detach())
         eps = torch.finfo(x.dtype).eps
-        self.constant = spread <= 64 * eps * top
+        self.constant = spread <= fused.CONSTANT_ULPS * eps * top
         # One in-place multiply rescales to unit spread and zeroes a constant input (spread 0 is
         # constant): two passes over x in all, which matters for 10⁴-wide conv maps.
         inv = torch.where(self.constant, torch.zeros_like(spread), 1 / spread)
@@ -171,9 +164,9 @@ class Prepared:
         a zero Gram.
         On a CPU, where a host read costs nothing, the raw Gram of x centred as a matrix is taken
         instead wherever a host-side check finds it precise (:func:`_raw_centred_gram`): no pass
-        over x besides the product (:data:`~repguide.similarity.fused.CPU_TUNED` turns that off). A reduced
-        ``matmul_dtype`` always takes the device path, whose operands are centred before they are
-        rounded (the rounding of uncentred ones would be magnified).
+        over x besides the product (:data:`~repguide.similarity.fused.CPU_TUNED` turns that off).
+        A reduced ``matmul_dtype`` always takes the device path, whose operands are centred before
+        they are rounded (the rounding of uncentred ones would be magnified).
         """
         _check_input(x, min_n)
         with torch.no_grad():
@@ -200,8 +193,8 @@ class Prepared:
 def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
     """:meth:`Prepared.gram_only` of every position of ``x: (n, positions, d)`` (a per-position
     guide layer), the Grams of all positions made by one set of batched ops on the device path
-    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with :data:`~repguide.similarity.fused.CPU_TUNED`,
-    position by position on the raw-Gram path."""
+    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with
+    :data:`~repguide.similarity.fused.CPU_TUNED`, position by position on the raw-Gram path."""
     if fused.CPU_TUNED and x.device.type == "cpu":
         return [Prepared.gram_only(xi, min_n) for xi in x.unbind(1)]
     _check_input(x[:, 0], min_n)

@@ -18,13 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repguide.similarity.base import Prepared, _abs_max, _compute_dtype
-from repguide.similarity.fused import symmetric_gram
+from repguide.similarity.base import Prepared, _compute_dtype
+from repguide.similarity.fused import CONSTANT_ULPS, abs_max, symmetric_gram
 
 __all__ = ["centred_gram", "symmetric_gram"]
-
-#: Prepared's constancy test: every centred entry within this many ulps of the largest |entry|.
-CONSTANT_ULPS = 64
 
 
 def centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype) -> Tensor:
@@ -57,7 +54,7 @@ def centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype) -> Tens
     slack = 2 * d * finfo.eps  # relative rounding of the computed row norms², generously
     # Squares that underflowed lose less than tiny each: d·tiny bounds what the diagonal misses.
     spread_high = (top_row * (1 + slack) + d * finfo.tiny) ** 0.5
-    mean_top = float(_abs_max(mean))
+    mean_top = float(abs_max(mean))
     limit = CONSTANT_ULPS * finfo.eps
     mean_slack = (n + 4) * finfo.eps  # a computed mean's rounding, relative to max|x|
     if spread_high <= limit * mean_top * (1 - mean_slack):
@@ -68,7 +65,7 @@ def centred_gram(x: Tensor, dtype: torch.dtype, gram_dtype: torch.dtype) -> Tens
     if spread_low > limit * (mean_top + spread_high) * (1 + mean_slack):
         constant = False  # spread ≥ spread_low > limit·(max|mean| + spread) ≥ limit·max|x|
     else:  # Prepared's own test, on the same centred entries
-        constant = bool(_abs_max(xc) <= limit * _abs_max(x))
+        constant = bool(abs_max(xc) <= limit * abs_max(x))
     if constant:
         return x.new_zeros(n, n, dtype=dtype)
     return gram.to(dtype)

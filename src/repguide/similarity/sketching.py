@@ -20,8 +20,8 @@ def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
     with the effective rank of the Gram over ``dim`` (about sqrt(2 / dim) of |x||y| per entry for
     random features, far less for real activations). The interleaved partition costs two passes
     over x (three when dim does not divide d) where a random one needs a slower gather, and was as
-    accurate as a random one on conv and linear activations (benchmarks/README.md, idea 16). O(n·d), where the Gram it shrinks costs
-    O(n²·d); differentiable.
+    accurate as a random one on conv and linear activations (benchmarks/README.md, idea 16).
+    O(n·d), where the Gram it shrinks costs O(n²·d); differentiable.
     The signs depend only on (d, seed), so a layer is projected the same way at every step.
     Inputs with ``d <= dim`` are returned as they are.
     """
