@@ -197,3 +197,68 @@ def test_a_step_after_one_in_inference_mode_still_trains():
     out = guidance(x)
     out.loss.backward()
     assert target[1].weight.grad is not None and torch.isfinite(target[1].weight.grad).all()
+
+
+@pytest.mark.parametrize("through", ["loss", "similarities", "both"])
+def test_the_stack_s_loss_and_its_gradient_against_float64(through):
+    """linear_cka_loss: (Σ w·(1 − sim), sim) in one node, rows from (n, d) and (p, n, d) inputs,
+    against float64 CKA of each row and autograd through it."""
+    from repguide.similarity.fused import linear_cka_loss
+
+    torch.manual_seed(1)
+    xs = [(torch.randn(16, 12) + 3.0).requires_grad_(), torch.randn(3, 16, 12).requires_grad_(),
+          (torch.randn(16, 12) * 1e-3).requires_grad_()]
+    guides = [torch.randn(16, 7) @ torch.randn(7, 20) + 1.0 for _ in range(5)]
+    units = torch.stack([unit_centred_gram(g)[0] for g in guides])
+    w = torch.tensor([0.5, 0.1, 0.1, 0.1, 2.0])
+    loss, sims = linear_cka_loss(xs, units, w, (-w).view(-1, 1, 1), 2.8)
+    rows64 = [xs[0].double(), *xs[1].double().unbind(0), xs[2].double()]
+    want = torch.stack([rg.cka(r, g.double()) for r, g in zip(rows64, guides)])
+    want_loss = (w.double() * (1 - want)).sum()
+    assert torch.allclose(sims.double(), want, rtol=1e-6, atol=0)
+    assert abs(loss.item() - want_loss.item()) <= 1e-6 * want_loss.item()
+    objective, want_objective = {
+        "loss": (loss, want_loss), "similarities": (sims @ torch.arange(5.0), want @ torch.arange(5.0).double()),
+        "both": (loss + sims.sum(), want_loss + want.sum()),
+    }[through]
+    grads = torch.autograd.grad(objective, xs)
+    want_grads = torch.autograd.grad(want_objective, xs)
+    for grad, want_grad in zip(grads, want_grads):
+        assert grad.shape == want_grad.shape
+        assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-6 * want_grad.abs().max().item())
+
+
+class _BatchFirstView(nn.Module):
+    """Outputs a non-contiguous (n, positions, d) view, as a batch-first RNN does."""
+
+    def __init__(self, contiguous: bool):
+        super().__init__()
+        self.proj, self.contiguous = nn.Linear(6, 5), contiguous
+
+    def forward(self, x):  # x: (n, positions, 6), run time-major
+        out = torch.tanh(self.proj(x.transpose(0, 1))).transpose(0, 1)
+        return out.contiguous() if self.contiguous else out
+
+
+def test_a_non_contiguous_target_layer_is_flattened_by_the_stack_alone():
+    """Two non-contiguous target layers: one copy each (the stack's), the similarities and the
+    gradients those of the same layers made contiguous."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 7, 6)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    results = {}
+    for contiguous in (False, True):
+        torch.manual_seed(2)
+        target = nn.Sequential(_BatchFirstView(contiguous), nn.Identity())
+        pairs = [("0", "1"), ("1", "3")]
+        out = rg.Guidance(target, guide.eval(), pairs=pairs)(x)
+        out.loss.backward()
+        results[contiguous] = out, target[0].proj.weight.grad.clone()
+    (lazy, lazy_grad), (eager, eager_grad) = results[False], results[True]
+    assert lazy.similarities.keys() == eager.similarities.keys()
+    for key in lazy.similarities:
+        assert abs(lazy.similarities[key].item() - eager.similarities[key].item()) <= 1e-6
+    assert abs(lazy.loss.item() - eager.loss.item()) <= 1e-6 and torch.allclose(lazy_grad, eager_grad, atol=1e-6)
+    g, t = guide[:2](x), target(x)
+    want = rg.cka(t.reshape(10, -1).double(), g.reshape(10, -1).double()).item()
+    assert abs(lazy.similarities[("0", "1")].item() - want) <= 1e-6

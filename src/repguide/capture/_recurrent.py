@@ -84,10 +84,14 @@ def _forward_by_layer(module: nn.RNNBase, on_layer: OnLayer, input: Any, hx: Any
     flip = module.batch_first and isinstance(input, Tensor) and input.dim() == 3
     if flip:
         input = input.transpose(0, 1)
-    finals = []
+    finals, zeros = [], None
+    if hx is None and isinstance(input, Tensor):  # every layer starts from the same zeros: made once
+        batch = (input.shape[1],) if input.dim() == 3 else ()
+        h = input.new_zeros(per_layer, *batch, module.proj_size or module.hidden_size)
+        zeros = (h, input.new_zeros(per_layer, *batch, module.hidden_size)) if lstm else h
     for layer in range(module.num_layers):
         rows = slice(layer * per_layer, (layer + 1) * per_layer)  # the layer's rows of h0 (and c0)
-        state = None if hx is None else tuple(h[rows] for h in hx) if lstm else hx[rows]
+        state = zeros if hx is None else tuple(h[rows] for h in hx) if lstm else hx[rows]
         with warnings.catch_warnings():
             # On CUDA a layer's weights are a slice of the module's flat buffer, not a buffer of their own.
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")

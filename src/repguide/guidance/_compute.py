@@ -13,8 +13,9 @@ Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch import Tensor
 from repguide.capture import reduce
 from repguide.errors import GuidanceError
 from repguide.similarity import Prepared
-from repguide.similarity.fused import linear_cka_stack, unit_gram
+from repguide.similarity.fused import linear_cka_loss, unit_gram
 from repguide.similarity.kernel_alignment import LinearCKA, use_gram_form
 
 __all__ = ["similarities_and_loss"]
@@ -43,9 +44,10 @@ def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, 
             )
         if _fused(guidance.measure, t, g):
             x = t if t.dim() == 2 else t.transpose(0, 1)  # (n, d), or (positions, n, d)
-            x = x if x.dtype == g[0].dtype else x.to(g[0].dtype)
+            x = x if x.dtype == g[0].dtype else _tensor(x).to(g[0].dtype)
             groups.setdefault((*x.shape[-2:], x.dtype, x.device), []).append((pair, x, [unit_gram(p) for p in g]))
             continue
+        t = _tensor(t)
         with torch.autocast(device_type=t.device.type, enabled=False):
             if t.dim() == 2:
                 s = _compare(guidance.measure, t, (pair.target, -1), g[0], prepared)
@@ -66,10 +68,43 @@ def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
     targets = {}
     for pair in guidance._pairs:
         if pair.target not in targets:
-            t = guidance._sketch("target", pair.target, reduce(t_acts[pair.target], guidance.reduction, t_cf[pair.target]))
+            a = t_acts[pair.target]
+            if guidance.reduction == "flatten" and a.dim() > 2 and not a.is_contiguous() \
+                    and guidance.sketch_dim is None and guidance.all_gather is None:
+                targets[pair.target] = _Unflattened(a)
+                guidance._target_widths[pair.target] = targets[pair.target].shape[-1]
+                continue
+            t = guidance._sketch("target", pair.target, reduce(a, guidance.reduction, t_cf[pair.target]))
             targets[pair.target] = guidance.all_gather(t) if guidance.all_gather is not None else t
             guidance._target_widths[pair.target] = t.shape[-1]
     return targets
+
+
+class _Unflattened(NamedTuple):
+    """A target activation with positions that is not contiguous (a batch-first RNN's output),
+    standing for its ``reduce(a, "flatten")``, which would copy it before the stack copies it
+    again: :func:`_stack_similarities` flattens it within its one copy."""
+
+    a: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.a.shape[0], math.prod(self.a.shape[1:])))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def dim(self) -> int:
+        return 2
+
+
+def _tensor(t: Tensor | _Unflattened) -> Tensor:
+    return t.a.reshape(t.a.shape[0], -1) if isinstance(t, _Unflattened) else t
 
 
 def _fused(measure, t: Tensor, g: list) -> bool:
@@ -81,14 +116,29 @@ def _fused(measure, t: Tensor, g: list) -> bool:
     return all(p.x is None or use_gram_form(n, d, p.d) for p in g)
 
 
-def _stack_similarities(xs: list[Tensor], units: list[Tensor]) -> Tensor:
-    """Linear CKA of the target layers ``xs`` (each (n, d), or (positions, n, d)) against the
-    guides' unit Grams, one per (n, d) row of the stack."""
-    if all(x.dim() == 2 for x in xs):
-        x = xs[0][None] if len(xs) == 1 else torch.stack(xs)
+def _stack_similarities(xs: list[Tensor], units: list[Tensor], weights: tuple, total: float) -> tuple[Tensor, Tensor]:
+    """``(Σ weight · (1 − similarity), similarities)`` of the target layers ``xs`` (each (n, d), or
+    (positions, n, d)) against the guides' unit Grams, one per (n, d) row of the stack, with the
+    rows' ``weights`` (w, −w as (m, 1, 1)) and ``total`` = Σ weight."""
+    raw = [x.a for x in xs if isinstance(x, _Unflattened)]
+    if len(xs) > 1 and len(raw) == len(xs) and len({a.shape for a in raw}) == 1:
+        xs = [torch.stack(raw).view(len(raw), raw[0].shape[0], -1)]  # one copy, not two
     else:
-        x = torch.cat([x[None] if x.dim() == 2 else x for x in xs])
-    return linear_cka_stack(x, units[0][None] if len(units) == 1 else torch.stack(units))
+        xs = [_tensor(x) for x in xs]
+    return linear_cka_loss(xs, _stacked(units), *weights, total)
+
+
+def _stacked(units: list[Tensor]) -> Tensor:
+    """``torch.stack(units)``, or, where the units are already consecutive (n, n) blocks of one
+    tensor (guide layers prepared as one stack), a view of it: no copy."""
+    first = units[0]
+    if len(units) == 1:
+        return first[None]
+    n, offset, ptr = first.shape[-1], first.storage_offset(), first.untyped_storage().data_ptr()
+    if all(u.shape == first.shape and u.is_contiguous() and u.untyped_storage().data_ptr() == ptr
+           and u.storage_offset() == offset + i * n * n for i, u in enumerate(units)):
+        return first.as_strided((len(units), n, n), (n * n, n, 1))
+    return torch.stack(units)
 
 
 _COMPILED: dict[str, Callable] = {}  # device type → compiled _stack_similarities
@@ -108,33 +158,29 @@ def _stack_function(guidance, device: torch.device) -> Callable:
 def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Callable) -> Tensor:
     """One stack of equal-shape target activations against their guides' unit Grams; a
     ``"tokens"`` pair contributes one row per position and its similarity is their mean."""
-    with torch.autocast(device_type=items[0][1].device.type, enabled=False):
-        sims = stack_function([x for _, x, _ in items], [u for _, _, us in items for u in us])
-    if sims.device.type == "cuda" and stack_function is not _stack_similarities:
-        sims = sims.clone()  # a CUDA graph's output is overwritten by its next replay
-    if len(sims) == 1:
-        pair = items[0][0]
-        out[pair.key] = sims.reshape(())
-        term = pair.weight * (1 - out[pair.key])
-        return term if loss is None else loss + term
+    x = items[0][1]
     sizes = [1 if x.dim() == 2 else x.shape[0] for _, x, _ in items]
+    per_row = tuple(pair.weight / size for (pair, _, _), size in zip(items, sizes) for _ in range(size))
+    total = sum(pair.weight for pair, _, _ in items)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        term, sims = stack_function([x for _, x, _ in items], [u for _, _, us in items for u in us],
+                                    _row_weights(per_row, x.dtype, x.device), total)
+    if sims.device.type == "cuda" and stack_function is not _stack_similarities:
+        term, sims = term.clone(), sims.clone()  # a CUDA graph's outputs are overwritten by its next replay
     rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]
-    per_row = []
-    for (pair, _, _), size, s in zip(items, sizes, rows):
+    for (pair, _, _), s in zip(items, rows):
         out[pair.key] = s
-        per_row += [pair.weight / size] * size
-    # Σ weight · (1 − similarity) over the group as one product with the (row-spread) weights.
-    weights = _row_weights(tuple(per_row), sims.dtype, sims.device)
-    term = sum(pair.weight for pair, _, _ in items) - torch.dot(sims, weights)
     return term if loss is None else loss + term
 
 
 @functools.lru_cache(maxsize=64)
-def _row_weights(per_row: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The weights of a stack's rows as a tensor, made once (not a host-to-device copy a step);
-    never an inference tensor, which a later training step could not save for its backward."""
+def _row_weights(per_row: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The weights of a stack's rows, ``(w: (m,), −w: (m, 1, 1))``, made once (not a host-to-device
+    copy a step); never inference tensors, which a later training step could not save for its
+    backward."""
     with torch.inference_mode(False):
-        return torch.tensor(per_row, dtype=dtype, device=device)
+        w = torch.tensor(per_row, dtype=dtype, device=device)
+        return w, (-w).view(-1, 1, 1)
 
 
 def _compare(measure, t: Tensor, key: tuple[str, int], guide: Any, prepared: dict) -> Tensor:

@@ -19,6 +19,7 @@ from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
 from repguide.guidance._checks import check_options, set_guide_mode
 from repguide.guidance._compute import similarities_and_loss
+from repguide.guidance._guide_stream import GuideStream
 from repguide.guidance.diagnostics import Diagnosable
 from repguide.guidance._host_step import HostStep
 from repguide.guidance.guide_cache import GuideFeatureCache
@@ -160,7 +161,7 @@ class Guidance(Diagnosable, nn.Module):
         self.compile_similarity = compile  # not `self.compile`: nn.Module.compile is a method
         self._target_widths: dict[str, int] = {}  # last seen, to choose each guide layer's form early
         self._guide_hooks: list = []
-        self._guide_stream: tuple | None = None  # (activations, layers done, prepare?) while the guide runs
+        self._guide_stream: GuideStream | None = None  # while the guide runs
         self._guide_float64 = False
         self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
         self._pair_spec = pairs
@@ -287,7 +288,7 @@ class Guidance(Diagnosable, nn.Module):
             output = self._run_target(*args, **kwargs)
         target_capture.check_complete(t_acts, "target")
         similarities, loss = self._similarities(t_acts, guide)
-        return GuidanceOutput(output, weight * loss, similarities, weight)
+        return GuidanceOutput(output, loss if weight == 1 else weight * loss, similarities, weight)
 
     @torch.no_grad()
     def _prepare_guide(self, args: tuple, kwargs: dict, step: int, n: int, index: Tensor | None) -> dict[str, list]:
@@ -308,10 +309,8 @@ class Guidance(Diagnosable, nn.Module):
             features = self._run_guide(args, kwargs, step, n, prepare=cache is None and self.all_gather is None)
             if cache is not None:
                 cache.store(index, features, spec)
-        return {
-            name: value if isinstance(value, list) else self._prepare_guide_layer(name, value)
-            for name, value in features.items()
-        }
+        names = [name for name, value in features.items() if not isinstance(value, list)]
+        return {**features, **dict(zip(names, self._prepare_guide_layers(names, [features[n] for n in names])))}
 
     def _run_guide(self, args: tuple, kwargs: dict, step: int, n: int, prepare: bool) -> dict[str, Any]:
         """One guide forward; each layer's activation is reduced and sketched (and, if ``prepare``,
@@ -326,9 +325,11 @@ class Guidance(Diagnosable, nn.Module):
         capture = self._captures["guide"]
         set_guide_mode(self.guide, self.guide_mode)
         with capture.record(n) as g_acts, explain_guide_failure(self.guide_input):
-            self._guide_stream = (g_acts, set(), prepare)
+            prepare_layers = self._prepare_guide_layers if prepare else None
+            self._guide_stream = GuideStream(g_acts, self._reduce_guide_layer, prepare_layers)
             try:
                 self.guide(*g_args, **g_kwargs)
+                self._guide_stream.flush()
             finally:
                 self._guide_stream = None
         capture.check_complete(g_acts, "guide")
@@ -337,26 +338,31 @@ class Guidance(Diagnosable, nn.Module):
 
     def _on_guide_layer(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook on the guide's paired modules, run after the capture's own hook."""
-        if self._guide_stream is None:
-            return
-        acts, done, prepare = self._guide_stream
-        channels_first = self._captures["guide"].normalise.channels_first
-        for name in [name for name in acts if name not in done]:
-            done.add(name)
-            features = self._sketch("guide", name, reduce(acts[name], self.reduction, channels_first[name]))
-            acts[name] = self._prepare_guide_layer(name, features) if prepare else features
+        if self._guide_stream is not None:
+            self._guide_stream.on_layer()
 
-    def _prepare_guide_layer(self, name: str, g: Tensor) -> list:
+    def _reduce_guide_layer(self, name: str, activation: Tensor) -> Tensor:
+        channels_first = self._captures["guide"].normalise.channels_first[name]
+        return self._sketch("guide", name, reduce(activation, self.reduction, channels_first))
+
+    def _prepare_guide_layers(self, names: list[str], gs: list[Tensor]) -> list[list]:
+        """``[prepared input per position]`` of each guide layer ``names[i]``, reduced to ``gs[i]``;
+        the (n, d) ones through :meth:`~repguide.similarity.Measure.prepare_guides` together."""
         if self.all_gather is not None:
-            g = self.all_gather(g)
+            gs = [self.all_gather(g) for g in gs]
         if self._guide_float64:
-            g = g.double()
-        widths = [self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
+            gs = [g.double() for g in gs]
+        widths = [[self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
+                  for name in names]
         dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            if g.dim() == 2:
-                return [self.measure.prepare_guide(g, widths, dtype)]
-            return self.measure.prepare_guide_positions(g, widths, dtype)
+        out: list = [None] * len(gs)
+        flat = [i for i, g in enumerate(gs) if g.dim() == 2]
+        with torch.autocast(device_type=gs[0].device.type, enabled=False) if gs else contextlib.nullcontext():
+            for i, p in zip(flat, self.measure.prepare_guides([gs[i] for i in flat], [widths[i] for i in flat], dtype)):
+                out[i] = [p]
+            for i in set(range(len(gs))) - set(flat):
+                out[i] = self.measure.prepare_guide_positions(gs[i], widths[i], dtype)
+        return out
 
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
         if self.sketch_dim is None:

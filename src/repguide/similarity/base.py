@@ -193,14 +193,21 @@ class Prepared:
 def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
     """:meth:`Prepared.gram_only` of every position of ``x: (n, positions, d)`` (a per-position
     guide layer), the Grams of all positions made by one set of batched ops on the device path
-    (:func:`~repguide.similarity.fused.unit_centred_grams`); on a CPU with
-    :data:`~repguide.similarity.fused.CPU_TUNED`, position by position on the raw-Gram path."""
+    (:func:`gram_only_stack`); on a CPU with :data:`~repguide.similarity.fused.CPU_TUNED`, position
+    by position on the raw-Gram path."""
     if fused.CPU_TUNED and x.device.type == "cpu":
         return [Prepared.gram_only(xi, min_n) for xi in x.unbind(1)]
-    _check_input(x[:, 0], min_n)
+    return gram_only_stack(x.transpose(0, 1), min_n)
+
+
+def gram_only_stack(x: Tensor, min_n: int = 2) -> list[Prepared]:
+    """:meth:`Prepared.gram_only` (its device path) of each ``x[i]: (n, d)`` of ``x: (m, n, d)``, by
+    one set of batched ops (:func:`~repguide.similarity.fused.unit_centred_grams`)."""
+    if x.shape[-2] < min_n:
+        _check_input(x[0], min_n)
     with torch.no_grad():
         x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
-        units, constant = unit_centred_grams(x.transpose(0, 1))
+        units, constant = unit_centred_grams(x)
     return [Prepared._of_unit_gram(u, c, x.shape[2]) for u, c in zip(units.unbind(0), constant.unbind(0))]
 
 
@@ -310,6 +317,31 @@ class Measure:
         if gram_only and type(self).prepare is Measure.prepare and matmul_dtype in (None, _compute_dtype(x)):
             return gram_only_positions(x, self.min_n)
         return [self.prepare_guide(xi, widths, matmul_dtype) for xi in x.unbind(1)]
+
+    def prepare_guides(
+        self, xs: Sequence[Tensor], widths: Sequence[Sequence[int | None]], matmul_dtype: torch.dtype | None = None
+    ) -> list[Prepared]:
+        """:meth:`prepare_guide` of each ``xs[i]: (n, d)`` with its ``widths[i]``. On the device path
+        (not a CPU's tuned one) the Gram-only layers of one shape are prepared as one stack, as the
+        positions of one layer are (:func:`gram_only_positions`): each op once for the stack."""
+        out: list = [None] * len(xs)
+        stacks: dict[tuple, list[int]] = {}
+        for i, x in enumerate(xs):
+            stackable = matmul_dtype is None and x.dim() == 2 and type(self).prepare is Measure.prepare \
+                and type(self).prepare_guide is Measure.prepare_guide \
+                and not (fused.CPU_TUNED and x.device.type == "cpu") \
+                and all(w is not None and not self.needs_features(*x.shape, w) for w in widths[i])
+            if stackable:
+                stacks.setdefault((x.shape, x.dtype, x.device), []).append(i)
+            else:
+                out[i] = self.prepare_guide(x, widths[i], matmul_dtype)
+        for rows in stacks.values():
+            if len(rows) == 1:
+                out[rows[0]] = self.prepare_guide(xs[rows[0]], widths[rows[0]])
+            else:
+                for i, p in zip(rows, gram_only_stack(torch.stack([xs[i] for i in rows]), self.min_n)):
+                    out[i] = p
+        return out
 
     def prepare_target(self, x: Tensor, guide: Prepared) -> Prepared:
         """Prepare ``x: (n, d)`` for comparison with ``guide``, made by :meth:`prepare_guide`: in

@@ -21,7 +21,9 @@ from math import inf
 import torch
 from torch import Tensor
 
-__all__ = ["linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_grams", "unit_gram"]
+__all__ = [
+    "linear_cka_loss", "linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_grams", "unit_gram",
+]
 
 #: An input whose every centred entry is within this many ulps of its largest |entry| is constant
 #: (what Prepared decides; rounding in a mean leaves residuals of a few ulps).
@@ -112,7 +114,7 @@ def _unit_centred_grams(
         low = y.to(matmul_dtype)
         raw = (low @ low.transpose(-1, -2)).to(x.dtype)
     else:
-        raw = y @ y.transpose(-1, -2)
+        raw = y @ y.T if y.dim() == 2 else torch.bmm(y, y.transpose(1, 2))
     norm = torch.linalg.vector_norm(raw, dim=whole, keepdim=keep)
     return raw.div_(norm).masked_fill_(constant, 0), constant
 
@@ -128,39 +130,76 @@ def unit_gram(p) -> Tensor:
 
 
 class _LinearCKAStack(torch.autograd.Function):
-    """CKA of ``x[i]: (n, d)`` against unit centred Grams ``l[i]: (n, n)``, for i < m, one node:
-    eighteen aten ops forward and five backward for the whole stack."""
+    """CKA of ``x[i]: (n, d)`` against unit centred Grams ``l[i]: (n, n)``, for i < m, one node,
+    the rows of ``x`` stacked from ``xs`` (each ``(n, d)`` one row, or ``(p, n, d)`` p rows).
+
+    With row weights ``w: (m,)`` (and ``w3`` = −w as ``(m, 1, 1)``) it returns the loss
+    ``total − w·sim`` as well as ``sim``: the loss's gradient is folded into the n×n G of the
+    backward, so a guided step's loss costs two ops forward and none backward beyond the stack's.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, l: Tensor) -> Tensor:
+    def forward(ctx, l: Tensor, w: Tensor | None, w3: Tensor | None, total: float, *xs: Tensor):
+        flat = tuple(x.dim() == 2 for x in xs)
+        if len(xs) == 1:
+            x = xs[0][None] if flat[0] else xs[0]
+        elif all(flat):
+            x = torch.stack(xs)
+        else:
+            x = torch.cat([x if x.dim() == 3 else x[None] for x in xs])
         m = x.shape[0]
         # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
         # underflows; x[i] is constant when every centred entry is within 64 ulps of it.
         top = abs_max(x, (1, 2), keepdim=True).add_(torch.finfo(x.dtype).tiny)
-        xs = (x - x.mean(dim=1, keepdim=True)).div_(top)
-        spread = abs_max(xs, (1, 2), keepdim=True)
-        k = torch.bmm(xs, xs.transpose(1, 2))
+        xs_ = (x - x.mean(dim=1, keepdim=True)).div_(top)
+        spread = abs_max(xs_, (1, 2), keepdim=True)
+        k = torch.bmm(xs_, xs_.transpose(1, 2))
         inv = torch.linalg.vector_norm(k, dim=(1, 2), keepdim=True).reciprocal_()
         inv.masked_fill_(spread <= CONSTANT_ULPS * torch.finfo(x.dtype).eps, 0)
         sim = (k * l).sum(dim=(1, 2), keepdim=True).mul_(inv)
         coef = sim * inv
         # d sim / dK = (L̂ − sim/|K| · K) / |K|; dK/dxs: (G + Gᵀ) xs = 2 G xs (G symmetric); dxs/dx:
         # 1/top times the centring (CKA is invariant to the scale, so its own derivative is 0).
-        ctx.save_for_backward(xs, k, l, coef, inv.div_(top))
-        return sim.view(m)
+        ctx.save_for_backward(xs_, k, l, coef, inv.div_(top), w3)
+        ctx.set_materialize_grads(False)  # an output without a gradient gets None, not zeros
+        ctx.flat, ctx.rows = flat, [1 if f else x.shape[0] for f, x in zip(flat, xs)]
+        sims = sim.view(m)
+        if w is None:
+            return sims
+        return torch.rsub(torch.dot(sims, w), total), sims
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        xs, k, l, coef, factor = ctx.saved_tensors
+    def backward(ctx, *grads: Tensor | None):
+        xs_, k, l, coef, factor, w3 = ctx.saved_tensors
+        if w3 is None or grads[0] is None:  # a gradient through the similarities alone
+            row = grads[-1].view(-1, 1, 1)
+        else:  # d loss / d sim = −w
+            row = w3 * grads[0] if grads[1] is None else grads[1].view(-1, 1, 1) + w3 * grads[0]
+        scale = row * factor
         # 2 G xs · grad/(|K| top), the scalars folded into the n×n G (not a pass over the n×d
         # result; beta=0: the first xs only gives the shape). The centring of dxs/dx is left out:
         # G xs is centred already, as 1ᵀG = 1ᵀL̂ − coef·1ᵀK = 0 for a centred L̂ and a centred xs.
-        g = torch.addcmul(l, k, coef, value=-1).mul_(grad.view(-1, 1, 1) * factor)
-        return torch.baddbmm(xs, g, xs, beta=0, alpha=2), None
+        g = torch.addcmul(l, k, coef, value=-1).mul_(scale)
+        dx = torch.baddbmm(xs_, g, xs_, beta=0, alpha=2)
+        flat = ctx.flat
+        if len(flat) == 1:
+            parts = (dx[0] if flat[0] else dx,)
+        elif all(flat):
+            parts = dx.unbind(0)
+        else:
+            parts = tuple(p[0] if f else p for p, f in zip(dx.split(ctx.rows), flat))
+        return (None, None, None, None, *parts)
 
 
 def linear_cka_stack(x: Tensor, l: Tensor) -> Tensor:
     """``(m,)`` linear CKA of ``x: (m, n, d)`` against unit centred Grams ``l: (m, n, n)`` (from
     :func:`unit_centred_gram` or :func:`unit_gram`; the gradient assumes them centred, 1ᵀl[i] = 0);
     0 for a constant x[i], NaN for a non-finite one."""
-    return _LinearCKAStack.apply(x, l)
+    return _LinearCKAStack.apply(l, None, None, 0.0, x)
+
+
+def linear_cka_loss(xs: list[Tensor], l: Tensor, w: Tensor, w3: Tensor, total: float) -> tuple[Tensor, Tensor]:
+    """``(total − w·sim, sim)`` with ``sim: (m,)`` the linear CKA of the rows of ``xs`` (each
+    ``(n, d)`` one row, or ``(p, n, d)`` p rows, stacked in order) against ``l: (m, n, n)``, in one
+    autograd node (``w3`` is −w as ``(m, 1, 1)``). Both outputs carry gradients."""
+    return _LinearCKAStack.apply(l, w, w3, total, *xs)

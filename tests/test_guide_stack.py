@@ -1,0 +1,113 @@
+"""Guide layers of one shape prepared as one stack, and a stacked LSTM captured layer by layer with
+one set of zero initial states (issue 14: fewer ops per guided step). On the device path
+(``similarity.fused.CPU_TUNED = False``), which is the one that stacks."""
+
+import pytest
+import torch
+from torch import nn
+
+import repguide as rg
+from repguide.capture import Capture
+from repguide.guidance import _guide_stream
+from repguide.similarity import fused, get_measure
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    monkeypatch.setattr(fused, "CPU_TUNED", False)
+
+
+def _centred_unit_gram64(x):
+    x = x.double() - x.double().mean(0)
+    g = x @ x.T
+    return g / torch.linalg.norm(g)
+
+
+def test_layers_of_one_shape_are_prepared_as_one_stack_and_equal_their_float64_grams(device_path):
+    torch.manual_seed(0)
+    xs = [torch.randn(12, 30) * 10.0 ** k + 5.0 for k in (-3, 0, 3)] + [torch.full((12, 30), 2.0), torch.randn(12, 7)]
+    cka = get_measure("cka")
+    prepared = cka.prepare_guides(xs, [[8]] * len(xs))
+    units = [p.gram for p in prepared]
+    # The three (12, 30) non-constant layers and the constant one are rows of one (4, 12, 12) tensor.
+    assert len({u.untyped_storage().data_ptr() for u in units[:4]}) == 1
+    assert units[4].untyped_storage().data_ptr() != units[0].untyped_storage().data_ptr()
+    for x, u, p in zip(xs, units, prepared):
+        if x.std() == 0:
+            assert bool(p.constant) and torch.equal(u, torch.zeros(12, 12))
+        else:
+            assert not bool(p.constant)
+            torch.testing.assert_close(u.double() / torch.linalg.norm(u.double()), _centred_unit_gram64(x),
+                                       rtol=0, atol=1e-6)
+
+
+def test_a_layer_whose_features_are_needed_is_not_stacked(device_path):
+    torch.manual_seed(0)
+    xs = [torch.randn(12, 30), torch.randn(12, 30)]
+    widths = [[8], [None]]  # None: the target's width is not known yet
+    prepared = get_measure("cka").prepare_guides(xs, widths)
+    assert prepared[0].x is None and prepared[1].x is not None
+
+
+def _pairs_of_one_shape():
+    torch.manual_seed(0)
+    target = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(16, 16), nn.Tanh())])
+    guide = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))])
+    return target, guide.eval(), [("1", "1"), ("3", "4"), ("5", "7")]
+
+
+def test_a_guided_step_is_the_same_whether_its_guide_layers_are_stacked_or_not(device_path, monkeypatch):
+    from repguide.similarity import base
+
+    stacks = []
+    original = base.gram_only_stack
+    monkeypatch.setattr(base, "gram_only_stack", lambda x, min_n=2: stacks.append(x.shape) or original(x, min_n))
+    x = torch.randn(20, 16)
+    results = []
+    for hold in (_guide_stream.HOLD_BYTES, 0):  # 0: every layer prepared alone, as it comes
+        monkeypatch.setattr(_guide_stream, "HOLD_BYTES", hold)
+        target, guide, pairs = _pairs_of_one_shape()
+        guidance = rg.Guidance(target, guide, pairs=pairs)
+        guidance(x)
+        out = guidance(x)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in target.parameters()]))
+    assert stacks == [(3, 20, 24)] * 2  # both steps with the default budget; none with 0
+    (stacked, grads_s), (alone, grads_a) = results
+    for key in stacked.similarities:
+        assert abs(stacked.similarities[key].item() - alone.similarities[key].item()) <= 1e-6
+    for gs, ga in zip(grads_s, grads_a):
+        torch.testing.assert_close(gs, ga, rtol=1e-5, atol=1e-7)
+    target, guide, pairs = _pairs_of_one_shape()
+    want = rg.cka(target[:2](x).double(), guide[:2](x).double()).item()
+    assert abs(stacked.similarities[("1", "1")].item() - want) <= 1e-6
+
+
+def test_the_held_layers_never_exceed_the_budget(monkeypatch):
+    held = []
+    stream = _guide_stream.GuideStream({}, lambda name, a: a, lambda names, gs: held.append(list(names)) or gs)
+    monkeypatch.setattr(_guide_stream, "HOLD_BYTES", 3 * 40 * 4)  # three (4, 10) float32 layers
+    for i in range(5):
+        stream.acts[f"l{i}"] = torch.zeros(4, 10)
+        stream.on_layer()
+    stream.acts["big"] = torch.zeros(4, 40)  # alone over the budget: prepared at once
+    stream.on_layer()
+    stream.flush()
+    assert held == [["l0", "l1", "l2"], ["big"], ["l3", "l4"]]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_a_stacked_lstm_by_layer_with_zero_states_made_once_is_the_fused_lstm(batch_first, proj_size):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 6, num_layers=3, batch_first=batch_first, proj_size=proj_size).eval()
+    model = nn.Sequential(lstm)
+    x = torch.randn(5, 7, 4)
+    out, (h, c) = model(x)
+    capture = Capture(model, ["0.layer0", "0.layer1", "0.layer2"])
+    with capture.record(5 if batch_first else 7) as acts:
+        out_l, (h_l, c_l) = model(x)
+    capture.remove()
+    for got, want in ((out_l, out), (h_l, h), (c_l, c)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(acts["0.layer2"], out_l if batch_first else out_l.transpose(0, 1))  # captured batch-first
