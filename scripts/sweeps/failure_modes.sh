@@ -5,11 +5,13 @@
 #   nohup sh scripts/sweeps/failure_modes.sh c2 > runs/logs/sweep_c2.log 2>&1 &
 #   nohup sh scripts/sweeps/failure_modes.sh c6 > runs/logs/sweep_c6.log 2>&1 &
 #   nohup sh scripts/sweeps/failure_modes.sh c5 > runs/logs/sweep_c5.log 2>&1 &
+#   nohup sh scripts/sweeps/failure_modes.sh c6-long > runs/logs/sweep_c6_long.log 2>&1 &
 #
 # c2: the wide FCN against the ResNet-18 at equal budgets (30 epochs each) on the translated 40×40
 #     canvas and on 1,000 images (docs/exploration.md, "C2, wide FCN").
 # c6: the paper's depth (a 4-layer tanh RNN with zero initial states) against the Transformer, at
 #     1 and 3 epochs of characters and at context 256.
+# c6-long: the same two at 10 epochs (added after c6's 3-epoch rows; ~100 CPU minutes each).
 # c5: the Transformer at the RNN's budget (12,000 steps) on parity, with per-length accuracy in each
 #     summary.json: the lr and the positions, for the paper's regime (short strings solved).
 # Results: runs/explore17/<name>/summary.json; tables in docs/exploration.md.
@@ -47,8 +49,12 @@ c5)
     done
     run c5_transformer_12k_learned_s0 parity_transformer_baseline train.epochs=40 model.kwargs.positions=learned
     ;;
+c6-long)  # added after the c6 rows above showed the gap closing with epochs (docs/exploration.md)
+    run c6_rnn4_e10_s0 lm_rnn_baseline model.kwargs.num_layers=4 train.epochs=10 train.max_steps=null
+    run c6_transformer_e10_s0 lm_transformer_baseline train.epochs=10 train.max_steps=null
+    ;;
 *)
-    echo "usage: sh scripts/sweeps/failure_modes.sh c2|c6|c5" >&2
+    echo "usage: sh scripts/sweeps/failure_modes.sh c2|c6|c5|c6-long" >&2
     exit 2
     ;;
 esac
