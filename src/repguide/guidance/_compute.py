@@ -1,10 +1,10 @@
 """The similarity loop of a guided step: every pair's similarity and the weighted loss.
 
 Linear CKA (the default measure) in the Gram form goes through
-:func:`repguide.similarity.fused.linear_cka_stack`: the pairs whose target activations share a
+:func:`repguide.similarity.fused.linear_cka_loss`: the pairs whose target activations share a
 shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
-and compared in one autograd node: 18 aten ops forward and 5 backward for the whole stack, one
-``bmm`` each way (benchmarks/README.md, log #46).
+and compared in one autograd node that also returns their weighted loss: ~20 aten ops forward
+and 5 backward for the whole stack, one ``bmm`` each way (benchmarks/README.md, log #46, #51).
 Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
 ``compare``, each target layer prepared once. No path reads a value on the host (the guide's
 Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_only`).
@@ -83,7 +83,7 @@ def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
 class _Unflattened(NamedTuple):
     """A target activation with positions that is not contiguous (a batch-first RNN's output),
     standing for its ``reduce(a, "flatten")``, which would copy it before the stack copies it
-    again: :func:`_stack_similarities` flattens it within its one copy."""
+    again: :func:`_targets_of_stack` flattens it within its one copy."""
 
     a: Tensor
 
@@ -116,16 +116,20 @@ def _fused(measure, t: Tensor, g: list) -> bool:
     return all(p.x is None or use_gram_form(n, d, p.d) for p in g)
 
 
-def _stack_similarities(xs: list[Tensor], units: list[Tensor], weights: tuple, total: float) -> tuple[Tensor, Tensor]:
+def _stack_similarities(xs: list[Tensor], units: Tensor, weights: tuple, total: float) -> tuple[Tensor, Tensor]:
     """``(Σ weight · (1 − similarity), similarities)`` of the target layers ``xs`` (each (n, d), or
-    (positions, n, d)) against the guides' unit Grams, one per (n, d) row of the stack, with the
-    rows' ``weights`` (w, −w as (m, 1, 1)) and ``total`` = Σ weight."""
+    (positions, n, d)) against the guides' unit Grams ``units: (m, n, n)``, one per (n, d) row of
+    the stack, with the rows' ``weights`` (w, −w as (m, 1, 1)) and ``total`` = Σ weight."""
+    return linear_cka_loss(xs, units, *weights, total)
+
+
+def _targets_of_stack(xs: list) -> list[Tensor]:
+    """The target layers of a stack as tensors; non-contiguous ones of one shape stacked here in
+    their one copy (flattening each first would copy it twice)."""
     raw = [x.a for x in xs if isinstance(x, _Unflattened)]
     if len(xs) > 1 and len(raw) == len(xs) and len({a.shape for a in raw}) == 1:
-        xs = [torch.stack(raw).view(len(raw), raw[0].shape[0], -1)]  # one copy, not two
-    else:
-        xs = [_tensor(x) for x in xs]
-    return linear_cka_loss(xs, _stacked(units), *weights, total)
+        return [torch.stack(raw).view(len(raw), raw[0].shape[0], -1)]
+    return [_tensor(x) for x in xs]
 
 
 def _stacked(units: list[Tensor]) -> Tensor:
@@ -163,8 +167,9 @@ def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Ca
     per_row = tuple(pair.weight / size for (pair, _, _), size in zip(items, sizes) for _ in range(size))
     total = sum(pair.weight for pair, _, _ in items)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        term, sims = stack_function([x for _, x, _ in items], [u for _, _, us in items for u in us],
-                                    _row_weights(per_row, x.dtype, x.device), total)
+        xs = _targets_of_stack([x for _, x, _ in items])
+        units = _stacked([u for _, _, us in items for u in us])
+        term, sims = stack_function(xs, units, _row_weights(per_row, x.dtype, x.device), total)
     if sims.device.type == "cuda" and stack_function is not _stack_similarities:
         term, sims = term.clone(), sims.clone()  # a CUDA graph's outputs are overwritten by its next replay
     rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]

@@ -6,7 +6,8 @@ Two halves, each a handful of aten ops (on a GPU, a handful of kernel launches):
   Frobenius norm, decided entirely on the device (no fallback branch that reads a value);
 * :func:`linear_cka_stack` compares a stack of target activations ``(m, n, d)`` with a stack of such
   unit Grams ``(m, n, n)`` in one autograd node: forward centre + rescale + ``bmm`` Gram + inner
-  products; backward one ``bmm``. Pairs of equal shape are batched through it.
+  products; backward one ``bmm``. Pairs of equal shape are batched through it;
+  :func:`linear_cka_loss`, what a guided step runs, also returns their weighted loss from that node.
 
 CKA = <K, L̂> / |K| with K the centred Gram of the rescaled target and L̂ = L / |L|.
 
