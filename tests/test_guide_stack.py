@@ -111,3 +111,47 @@ def test_a_stacked_lstm_by_layer_with_zero_states_made_once_is_the_fused_lstm(ba
     for got, want in ((out_l, out), (h_l, h), (c_l, c)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert torch.equal(acts["0.layer2"], out_l if batch_first else out_l.transpose(0, 1))  # captured batch-first
+
+
+class _Constant(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0 + 1.5
+
+
+class _Broken(nn.Linear):
+    def forward(self, x):
+        out = super().forward(x).clone()
+        out[3, 2] = float("nan")
+        return out
+
+
+class _ThreeHeads(nn.Module):
+    """Three guide layers of one shape: a constant one, one with a NaN, a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.constant, self.broken, self.plain = _Constant(8, 40), _Broken(8, 40), nn.Linear(8, 40)
+
+    def forward(self, x):
+        return self.constant(x), self.broken(x), self.plain(x)
+
+
+def test_a_constant_and_a_non_finite_guide_layer_in_one_stack_stay_their_own(device_path, monkeypatch):
+    """Stacked with the others, a constant guide layer gives similarity 0 and a non-finite one NaN,
+    and neither changes the plain layer's similarity."""
+    from repguide.similarity import base
+
+    stacks, original = [], base.gram_only_stack
+    monkeypatch.setattr(base, "gram_only_stack", lambda x, min_n=2: stacks.append(x.shape) or original(x, min_n))
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Linear(8, 30), nn.Tanh(), nn.Linear(30, 30), nn.Tanh(), nn.Linear(30, 30))
+    guide = _ThreeHeads().eval()
+    guidance = rg.Guidance(target, guide, pairs=[("1", "constant"), ("3", "broken"), ("4", "plain")])
+    x = torch.randn(16, 8)
+    guidance(x)
+    out = guidance(x)
+    s = out.similarities
+    assert stacks[-1] == (3, 16, 40)
+    assert s[("1", "constant")].item() == 0 and torch.isnan(s[("3", "broken")])
+    want = rg.cka(target(x).double(), guide.plain(x).double()).item()
+    assert abs(s[("4", "plain")].item() - want) <= 1e-6
