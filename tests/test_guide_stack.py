@@ -155,3 +155,21 @@ def test_a_constant_and_a_non_finite_guide_layer_in_one_stack_stay_their_own(dev
     assert s[("1", "constant")].item() == 0 and torch.isnan(s[("3", "broken")])
     want = rg.cka(target(x).double(), guide.plain(x).double()).item()
     assert abs(s[("4", "plain")].item() - want) <= 1e-6
+
+
+def test_channels_last_conv_targets_give_what_contiguous_ones_do():
+    """Non-contiguous 4-D target layers (channels-last conv maps) flattened by the stack: the same
+    similarities and gradients as the same convolutions in the default layout."""
+    x = torch.randn(10, 3, 8, 8)
+    guide = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 3, padding=1), nn.Tanh()).eval()
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        target = target.to(memory_format=layout)
+        out = rg.Guidance(target, guide, pairs=[("1", "1"), ("3", "3")])(x.to(memory_format=layout))
+        out.loss.backward()
+        results.append((out.similarities, target[0].weight.grad))
+    (s0, g0), (s1, g1) = results
+    assert all(abs(s0[k].item() - s1[k].item()) <= 1e-6 for k in s0)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)

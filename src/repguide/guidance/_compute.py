@@ -81,9 +81,9 @@ def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class _Unflattened(NamedTuple):
-    """A target activation with positions that is not contiguous (a batch-first RNN's output),
-    standing for its ``reduce(a, "flatten")``, which would copy it before the stack copies it
-    again: :func:`_targets_of_stack` flattens it within its one copy."""
+    """A target activation with positions that is not contiguous (a batch-first RNN's output, a
+    channels-last conv map), standing for its ``reduce(a, "flatten")``, which would copy it before
+    the stack copies it again: :func:`_targets_of_stack` flattens it within its one copy."""
 
     a: Tensor
 
@@ -128,7 +128,7 @@ def _targets_of_stack(xs: list) -> list[Tensor]:
     their one copy (flattening each first would copy it twice)."""
     raw = [x.a for x in xs if isinstance(x, _Unflattened)]
     if len(xs) > 1 and len(raw) == len(xs) and len({a.shape for a in raw}) == 1:
-        return [torch.stack(raw).view(len(raw), raw[0].shape[0], -1)]
+        return [torch.stack(raw).reshape(len(raw), raw[0].shape[0], -1)]  # a view unless stack kept a layout
     return [_tensor(x) for x in xs]
 
 
