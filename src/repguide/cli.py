@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, default=3)
     rep.add_argument("--runs-dir", default=None, help="default: runs/reproduce-<scale>")
     rep.add_argument("--only", default=None, help="comma-separated claim ids, e.g. C1,C4")
-    rep.add_argument("--recipes", default=None, help="comma-separated recipes: train only these rows (and their guides)")
+    rep.add_argument("--recipes", default=None,
+                     help="comma-separated recipes or row run names: train only these rows (and their guides)")
     rep.add_argument("--report", default="REPRODUCTION.md")
     rep.add_argument("--progress", action="store_true", help="progress bars instead of log lines")
     rep.set_defaults(func=_reproduce)
