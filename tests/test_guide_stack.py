@@ -173,3 +173,15 @@ def test_channels_last_conv_targets_give_what_contiguous_ones_do():
     (s0, g0), (s1, g1) = results
     assert all(abs(s0[k].item() - s1[k].item()) <= 1e-6 for k in s0)
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_is_held_where_no_stack_can_be_made():
+    """On a CPU's tuned path (``Measure.stacks_guides`` False) each layer is prepared as it comes."""
+    assert not get_measure("cka").stacks_guides(torch.device("cpu")) and fused.CPU_TUNED
+    prepared = []
+    stream = _guide_stream.GuideStream({}, lambda name, a: a, lambda names, gs: prepared.append(list(names)) or gs,
+                                       lambda features: get_measure("cka").stacks_guides(features.device))
+    for i in range(3):
+        stream.acts[f"l{i}"] = torch.zeros(4, 10)
+        stream.on_layer()
+        assert prepared[-1] == [f"l{i}"]  # at once, not at the flush

@@ -26,10 +26,12 @@ HOLD_BYTES = 8 << 20
 class GuideStream:
     """What the guide's forward hooks fill: ``acts`` (the capture's, layer name → activation) with
     each layer reduced by ``reduce(name, activation)`` and, if ``prepare`` is given, prepared by
-    ``prepare(names, features) → [prepared layer]``."""
+    ``prepare(names, features) → [prepared layer]``; layers are held only where ``holds(features)``
+    (where a stack can be made of them)."""
 
-    def __init__(self, acts: dict, reduce: Callable[[str, Tensor], Tensor], prepare: Callable | None):
-        self.acts, self.reduce, self.prepare = acts, reduce, prepare
+    def __init__(self, acts: dict, reduce: Callable[[str, Tensor], Tensor], prepare: Callable | None,
+                 holds: Callable[[Tensor], bool] = lambda features: True):
+        self.acts, self.reduce, self.prepare, self.holds = acts, reduce, prepare, holds
         self.done: set[str] = set()
         self.held: list[str] = []
         self.held_bytes = 0
@@ -42,7 +44,7 @@ class GuideStream:
             if self.prepare is None:
                 continue
             size = features.numel() * features.element_size()
-            if features.dim() != 2 or size > HOLD_BYTES:
+            if features.dim() != 2 or size > HOLD_BYTES or not self.holds(features):
                 self.acts[name] = self.prepare([name], [features])[0]
                 continue
             if self.held_bytes + size > HOLD_BYTES:

@@ -326,7 +326,9 @@ class Guidance(Diagnosable, nn.Module):
         set_guide_mode(self.guide, self.guide_mode)
         with capture.record(n) as g_acts, explain_guide_failure(self.guide_input):
             prepare_layers = self._prepare_guide_layers if prepare else None
-            self._guide_stream = GuideStream(g_acts, self._reduce_guide_layer, prepare_layers)
+            dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
+            self._guide_stream = GuideStream(g_acts, self._reduce_guide_layer, prepare_layers,
+                                             lambda g: self.measure.stacks_guides(g.device, dtype))
             try:
                 self.guide(*g_args, **g_kwargs)
                 self._guide_stream.flush()

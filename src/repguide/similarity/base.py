@@ -318,6 +318,12 @@ class Measure:
             return gram_only_positions(x, self.min_n)
         return [self.prepare_guide(xi, widths, matmul_dtype) for xi in x.unbind(1)]
 
+    def stacks_guides(self, device: torch.device, matmul_dtype: torch.dtype | None = None) -> bool:
+        """Whether :meth:`prepare_guides` stacks Gram-only layers on ``device``: the device path
+        (not a CPU's tuned one), exact products, and this class's own guide preparation."""
+        return matmul_dtype is None and type(self).prepare is Measure.prepare \
+            and type(self).prepare_guide is Measure.prepare_guide and not (fused.CPU_TUNED and device.type == "cpu")
+
     def prepare_guides(
         self, xs: Sequence[Tensor], widths: Sequence[Sequence[int | None]], matmul_dtype: torch.dtype | None = None
     ) -> list[Prepared]:
@@ -327,20 +333,15 @@ class Measure:
         out: list = [None] * len(xs)
         stacks: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
-            stackable = matmul_dtype is None and x.dim() == 2 and type(self).prepare is Measure.prepare \
-                and type(self).prepare_guide is Measure.prepare_guide \
-                and not (fused.CPU_TUNED and x.device.type == "cpu") \
-                and all(w is not None and not self.needs_features(*x.shape, w) for w in widths[i])
-            if stackable:
+            if x.dim() == 2 and self.stacks_guides(x.device, matmul_dtype) \
+                    and all(w is not None and not self.needs_features(*x.shape, w) for w in widths[i]):
                 stacks.setdefault((x.shape, x.dtype, x.device), []).append(i)
             else:
                 out[i] = self.prepare_guide(x, widths[i], matmul_dtype)
         for rows in stacks.values():
-            if len(rows) == 1:
-                out[rows[0]] = self.prepare_guide(xs[rows[0]], widths[rows[0]])
-            else:
-                for i, p in zip(rows, gram_only_stack(torch.stack([xs[i] for i in rows]), self.min_n)):
-                    out[i] = p
+            stacked = gram_only_stack(torch.stack([xs[i] for i in rows]), self.min_n) if len(rows) > 1 else None
+            for k, i in enumerate(rows):
+                out[i] = stacked[k] if stacked else self.prepare_guide(xs[i], widths[i])
         return out
 
     def prepare_target(self, x: Tensor, guide: Prepared) -> Prepared:
