@@ -326,9 +326,8 @@ class Guidance(Diagnosable, nn.Module):
         set_guide_mode(self.guide, self.guide_mode)
         with capture.record(n) as g_acts, explain_guide_failure(self.guide_input):
             prepare_layers = self._prepare_guide_layers if prepare else None
-            dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
             self._guide_stream = GuideStream(g_acts, self._reduce_guide_layer, prepare_layers,
-                                             lambda g: self.measure.stacks_guides(g.device, dtype))
+                                             lambda g: self.measure.stacks_guides(g.device, self._matmul_dtype))
             try:
                 self.guide(*g_args, **g_kwargs)
                 self._guide_stream.flush()
@@ -347,6 +346,11 @@ class Guidance(Diagnosable, nn.Module):
         channels_first = self._captures["guide"].normalise.channels_first[name]
         return self._sketch("guide", name, reduce(activation, self.reduction, channels_first))
 
+    @property
+    def _matmul_dtype(self) -> torch.dtype | None:
+        """The dtype of the guide Grams' products: bfloat16 for ``guide_precision="bf16"``."""
+        return torch.bfloat16 if self.guide_precision == "bf16" else None
+
     def _prepare_guide_layers(self, names: list[str], gs: list[Tensor]) -> list[list]:
         """``[prepared input per position]`` of each guide layer ``names[i]``, reduced to ``gs[i]``;
         the (n, d) ones through :meth:`~repguide.similarity.Measure.prepare_guides` together."""
@@ -356,7 +360,7 @@ class Guidance(Diagnosable, nn.Module):
             gs = [g.double() for g in gs]
         widths = [[self._target_widths.get(p.target) for p in self._pairs if p.guide == name]
                   for name in names]
-        dtype = torch.bfloat16 if self.guide_precision == "bf16" else None
+        dtype = self._matmul_dtype
         out: list = [None] * len(gs)
         flat = [i for i, g in enumerate(gs) if g.dim() == 2]
         with torch.autocast(device_type=gs[0].device.type, enabled=False) if gs else contextlib.nullcontext():

@@ -341,7 +341,7 @@ class Measure:
         for rows in stacks.values():
             stacked = gram_only_stack(torch.stack([xs[i] for i in rows]), self.min_n) if len(rows) > 1 else None
             for k, i in enumerate(rows):
-                out[i] = stacked[k] if stacked else self.prepare_guide(xs[i], widths[i])
+                out[i] = stacked[k] if stacked else self.prepare_guide(xs[i], widths[i], matmul_dtype)
         return out
 
     def prepare_target(self, x: Tensor, guide: Prepared) -> Prepared:
