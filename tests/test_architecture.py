@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "pairing": 2, "models": 2, "data": 2,
     "guidance": 3,
     "config": 4, "analysis": 4,
-    "build": 5, "steps": 5, "claims": 5,
+    "build": 5, "steps": 5, "claims": 5, "ledger": 5,
     "train": 6, "report": 6,
     "reproduce": 7,
     "cli": 8, "__init__": 8,

@@ -21,35 +21,13 @@ from repguide._registry import did_you_mean
 from repguide.claims import Claim, Row, load_claims
 from repguide.config import load_recipe
 from repguide.errors import ConfigError, RunInUseError
+from repguide.ledger import Ledger, jobs
 from repguide.runs import RunDir, is_main_process
 
 __all__ = ["CLAIMS", "Claim", "reproduce", "write_report"]
 
 
 CLAIMS: tuple[Claim, ...] = load_claims()  # recipes/claims/paper.yaml
-
-
-def _newer(a: Path, b: Path) -> bool:
-    """Whether both files exist and ``a`` was written after ``b``."""
-    return a.exists() and b.exists() and a.stat().st_mtime_ns > b.stat().st_mtime_ns
-
-
-def _changed_keys(run: RunDir, config) -> list[str]:
-    """Keys whose values differ between the config ``run`` was trained with and ``config``
-    (the run's schedule length included; empty when the run has no config yet)."""
-    from repguide.config import upgrade
-    from repguide.config import diff_keys
-
-    stored = run.read_config()
-    if stored is None:
-        return []
-    previous = upgrade(stored)
-    if previous is None:
-        return ["(unreadable config)"]
-    skip = {"description", "claim"}
-    old = {k: v for k, v in previous.items() if k not in skip}
-    new = {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
-    return diff_keys(old, new)
 
 
 def _claims(only: list[str] | None) -> list[Claim]:
@@ -99,27 +77,18 @@ def reproduce(
 
     claims = _claims(only)
     started = time.time()
+    ledger = Ledger.beside(report, runs_dir) if report is not None else None
     for seed in range(seeds):
-        for row in plan(claims, scale, recipes):
-            name = f"{row.run}_s{seed}"
-            run = RunDir(runs_dir, name)
-            extra = {"name": name, "train.seed": seed, **row.overrides, **(overrides or {})}
-            config = load_recipe(row.recipe, scale, extra)
-            if config.guidance.guide_run:
-                guide_run = {"guidance.guide_run": f"{config.guidance.guide_run}_s{seed}"}
-                config = load_recipe(row.recipe, scale, {**extra, **guide_run})
-            changed = _changed_keys(run, config)
-            guide = RunDir(runs_dir, config.guidance.guide_run) if config.guidance.guide_run else None
-            if guide is not None and _newer(guide.path / "final.pt", run.path / "summary.json"):
-                changed.append(f"its guide {guide.name} was trained again")
-            if changed:  # the recipe changed since this run: its results no longer belong to it
-                print(f"[reproduce] {name}: the recipe changed ({', '.join(changed)}); training again", flush=True)
-            elif run.is_finished():
+        for job in jobs(plan(claims, scale, recipes), seed, scale, runs_dir, ledger, overrides):
+            run, name = job.run, job.run.name
+            if job.changed:  # the recipe changed since this run: its results no longer belong to it
+                print(f"[reproduce] {name}: the recipe changed ({', '.join(job.changed)}); training again", flush=True)
+            elif not job.train or run.is_finished():  # (another process may have finished it since)
                 continue
-            resume = not changed and (run.path / "last.ckpt").exists()
+            resume = not job.changed and (run.path / "last.ckpt").exists()
             print(f"[reproduce] {name}: {'resuming' if resume else 'training'}", flush=True)
             try:
-                train(config, runs_dir, resume=resume, overwrite=not resume, quiet=quiet)
+                train(job.config, runs_dir, resume=resume, overwrite=not resume, quiet=quiet)
             except FloatingPointError as err:  # a diverged run is a result too; it is reported
                 print(f"[reproduce] {name} stopped: {err}", flush=True)
                 continue
@@ -128,6 +97,8 @@ def reproduce(
                 continue
             if is_main_process():
                 update_plots(run.path)
+                if ledger is not None:
+                    ledger.record(run)
     if report is None:
         return None
     return write_report(claims, scale, seeds, runs_dir, report, time.time() - started, only)
@@ -151,17 +122,23 @@ class Stat:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
 
-def collect(run: str, seeds: int, runs_dir: Path) -> Stat:
+def _summary(name: str, runs_dir: Path, ledger: Ledger | None) -> dict | None:
+    """Run ``name``'s summary: from its folder in ``runs_dir``, else from ``ledger``'s record."""
+    path = runs_dir / name / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return ledger.summary(name) if ledger is not None else None
+
+
+def collect(run: str, seeds: int, runs_dir: Path, ledger: Ledger | None = None) -> Stat:
     """The test metric of runs ``<run>_s0`` … ``<run>_s<seeds-1>`` that finished (accuracy in %)."""
     stat = Stat()
     for seed in range(seeds):
-        summary = runs_dir / f"{run}_s{seed}" / "summary.json"
-        if summary.exists():
-            s = json.loads(summary.read_text())
-            if s.get("status") == "finished":
-                scale = 100.0 if s["metric"] == "accuracy" else 1.0
-                stat.values.append(scale * s["test_metric"])
-                stat.gaps.append(scale * (s["train_metric"] - s["test_metric"]))
+        s = _summary(f"{run}_s{seed}", runs_dir, ledger)
+        if s is not None and s.get("status") == "finished":
+            scale = 100.0 if s["metric"] == "accuracy" else 1.0
+            stat.values.append(scale * s["test_metric"])
+            stat.gaps.append(scale * (s["train_metric"] - s["test_metric"]))
     return stat
 
 
@@ -246,11 +223,11 @@ def _describe(row: Row, reference: Row | None) -> str:
     return " + ".join([f"row `{reference.run}`", *sets])
 
 
-def _claim_section(claim: Claim, seeds: int, runs_dir: Path, figures: Path, root: Path) -> list[str]:
+def _claim_section(claim: Claim, seeds: int, runs_dir: Path, figures: Path, root: Path, ledger: Ledger) -> list[str]:
     """The report's section of one claim: its rows, its checks, its figure, κ tables and notes."""
     from repguide.report import plot_claim
 
-    stats = {row.run: collect(row.run, seeds, runs_dir) for row in claim.rows}
+    stats = {row.run: collect(row.run, seeds, runs_dir, ledger) for row in claim.rows}
     unit = "test accuracy (%)" if claim.higher_is_better else "test perplexity"
     lines = [
         f"## {claim.id}: {claim.title}", "", f"Paper: {claim.statement}", "",
@@ -285,14 +262,14 @@ def _claim_section(claim: Claim, seeds: int, runs_dir: Path, figures: Path, root
 _GENERATED = "Generated by `repguide reproduce"
 
 
-def _section_line(claim: Claim, scale: str, seeds: int, runs_dir: Path, only: list[str] | None) -> str:
+def _section_line(claim: Claim, scale: str, seeds: int, runs_dir: Path, only: list[str] | None, ledger: Ledger) -> str:
     """The line under a section's heading that says which command wrote it, and what its runs cost."""
     minutes = 0.0
     for run in dict.fromkeys(row.run for row in claim.rows):
         for seed in range(seeds):
-            summary = runs_dir / f"{run}_s{seed}" / "summary.json"
-            if summary.exists():
-                minutes += json.loads(summary.read_text()).get("seconds", 0.0) / 60
+            summary = _summary(f"{run}_s{seed}", runs_dir, ledger)
+            if summary is not None:
+                minutes += summary.get("seconds", 0.0) / 60
     flags = f" --only {','.join(only)}" if only else ""
     return (f"{_GENERATED} --scale {scale} --seeds {seeds}{flags}` (runs in `{runs_dir}`; this "
             f"section's finished runs took {minutes:.0f} min of training, wherever they ran).")
@@ -335,13 +312,14 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds, only: list[str
     figures under ``docs/reproduction`` beside it; ``seconds``: how long this invocation took.
 
     The sections of the other claims an earlier ``report`` holds are kept as they were, each with
-    the line saying which command wrote it, so ``--only C4`` rewrites C4's sections alone."""
+    the line saying which command wrote it, so ``--only C4`` rewrites C4's sections alone; so is
+    the section of a chosen claim none of whose runs is here or recorded (a fresh checkout)."""
     runs_dir, report = Path(runs_dir), Path(report)
     figures = report.parent / "docs" / "reproduction"
     figures.mkdir(parents=True, exist_ok=True)
     exploration = report.parent / "docs" / "exploration.md"
     log = exploration.read_text() if exploration.exists() else ""
-    kept = _old_sections(report, log.splitlines()) if only else {}
+    kept = _old_sections(report, log.splitlines())
     lines = [
         "# Reproduction report",
         "",
@@ -358,13 +336,21 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds, only: list[str
         "",
     ]
     written = {claim.id for claim in claims}
+    ledger = Ledger.beside(report, runs_dir)
+    for name in dict.fromkeys(f"{row.run}_s{seed}" for claim in claims for row in claim.rows for seed in range(seeds)):
+        ledger.record(RunDir(runs_dir, name))  # what this report shows stays in git, the runs do not
     # Each ablation table right after the claim it ablates.
     order = [c for main in CLAIMS if main.ablates is None for c in CLAIMS if main.id in (c.id, c.ablates)]
     for claim in order:
-        if claim.id in written:
-            section = _claim_section(claim, seeds, runs_dir, figures, report.parent)
-            lines += [*section[:2], _section_line(claim, scale, seeds, runs_dir, only), "", *section[2:]]
-        elif claim.id in kept:
+        runs = [f"{row.run}_s{seed}" for row in claim.rows for seed in range(seeds)]
+        if claim.id in written and claim.id in kept and not any(_summary(r, runs_dir, ledger) for r in runs):
+            print(f"[reproduce] {claim.id}: no run of it in {runs_dir} nor in its record "
+                  f"{ledger.folder}; its section is kept as it was", flush=True)
+            lines += kept[claim.id]
+        elif claim.id in written:
+            section = _claim_section(claim, seeds, runs_dir, figures, report.parent, ledger)
+            lines += [*section[:2], _section_line(claim, scale, seeds, runs_dir, only, ledger), "", *section[2:]]
+        elif only and claim.id in kept:
             lines += kept[claim.id]
     if log:  # the hand-written log of settings tried where a claim did not show
         lines += [_EXPLORATION, "", log]

@@ -204,7 +204,7 @@ class RunDir:
     # -- files -------------------------------------------------------------------------------
 
     def write_config(self, config: dict) -> None:
-        _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict | None:
         f = self.path / "config.yaml"
@@ -213,10 +213,10 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         """One of the run's own JSON files (``name`` in OWN_FILES), written atomically."""
         assert name in OWN_FILES, name
-        _atomic_write_text(self.path / name, json.dumps(obj, indent=2))
+        atomic_write_text(self.path / name, json.dumps(obj, indent=2))
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def save_checkpoint(self, state: dict) -> None:
         last, prev = self.path / "last.ckpt", self.path / "prev.ckpt"
@@ -255,7 +255,7 @@ class MetricsLog:
         writer = csv.DictWriter(text, columns)
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write_text(path, text.getvalue())  # a kill while rewriting must not lose the kept rows
+        atomic_write_text(path, text.getvalue())  # a kill while rewriting must not lose the kept rows
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
@@ -286,14 +286,14 @@ def _number(v: str) -> Any:
             return v
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _own_temporary(name: str) -> bool:
-    """A temporary file of atomic_save (``.NAME.XXXX.tmp``) or _atomic_write_text (``.NAME.tmp``)."""
+    """A temporary file of atomic_save (``.NAME.XXXX.tmp``) or atomic_write_text (``.NAME.tmp``)."""
     return any(name == f".{own}.tmp" or (name.startswith(f".{own}.") and name.endswith(".tmp")) for own in OWN_FILES)
 
 

@@ -1,0 +1,135 @@
+"""Which runs of a reproduction suite are done: its runs folder, and its results record in git.
+
+``runs/`` stays out of git (checkpoints, metrics), so a fresh checkout holds none of an earlier
+session's runs. For every finished run it reports, ``repguide reproduce`` writes one small JSON file
+-- the run's ``summary.json`` and a digest of the config it was trained with -- under
+``docs/reproduction/results/<runs folder name>/`` beside the report. A run recorded there with the
+config its recipe gives today counts as finished, and the report reads its numbers from the record
+where the runs folder lacks the run. What needs a run's weights still needs the run itself: a
+trained guide is trained again where a run that loads it has to train, and the error-consistency
+tables read the runs' models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from repguide.config import diff_keys, load_recipe, upgrade
+from repguide.runs import RunDir, atomic_write_text, check_run_name
+
+__all__ = ["Ledger", "config_digest", "jobs"]
+
+_LABELS = ("description", "claim")  # words about a run, not what it trains with
+
+
+def config_digest(config: dict) -> str:
+    """A digest of a run's config (its JSON dump) that ignores the labels."""
+    kept = {k: v for k, v in config.items() if k not in _LABELS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+class Ledger:
+    """The recorded runs of one runs folder: ``folder/<run>.json`` each."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @classmethod
+    def beside(cls, report: str | Path, runs_dir: str | Path) -> Ledger:
+        """The record that belongs to ``report`` (REPRODUCTION.md) and the runs in ``runs_dir``."""
+        return cls(Path(report).parent / "docs" / "reproduction" / "results" / Path(runs_dir).name)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{check_run_name(name)}.json"
+
+    def _entry(self, name: str) -> dict | None:
+        path = self._path(name)
+        if not path.exists():
+            return None
+        entry = json.loads(path.read_text())
+        if not isinstance(entry, dict) or not isinstance(entry.get("summary"), dict) or "config" not in entry:
+            raise ValueError(f"{path}: not a results record (expected an object with 'config' and 'summary')")
+        return entry
+
+    def summary(self, name: str) -> dict | None:
+        """The summary recorded for run ``name``, or None."""
+        entry = self._entry(name)
+        return entry["summary"] if entry else None
+
+    def holds(self, name: str, config: dict) -> bool:
+        """Whether run ``name`` is recorded as finished with ``config`` (its JSON dump)."""
+        entry = self._entry(name)
+        return bool(entry) and entry["config"] == config_digest(config)
+
+    def record(self, run: RunDir) -> bool:
+        """Record ``run`` if it finished (its summary and config digest); whether it did."""
+        config = upgrade(run.read_config())
+        if not run.is_finished() or config is None:
+            return False
+        summary = json.loads((run.path / "summary.json").read_text())
+        entry = {"name": run.name, "config": config_digest(config), "summary": summary}
+        text = json.dumps(entry, indent=1, sort_keys=True) + "\n"
+        path = self._path(run.name)
+        if path.exists() and path.read_text() == text:
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+        return True
+
+
+def _newer(a: Path, b: Path) -> bool:
+    """Whether both files exist and ``a`` was written after ``b``."""
+    return a.exists() and b.exists() and a.stat().st_mtime_ns > b.stat().st_mtime_ns
+
+
+def _changed_keys(run: RunDir, config) -> list[str]:
+    """Keys whose values differ between the config ``run`` was trained with and ``config``
+    (the run's schedule length included; empty when the run has no config yet)."""
+    stored = run.read_config()
+    if stored is None:
+        return []
+    previous = upgrade(stored)
+    if previous is None:
+        return ["(unreadable config)"]
+    old = {k: v for k, v in previous.items() if k not in _LABELS}
+    new = {k: v for k, v in config.model_dump(mode="json").items() if k not in _LABELS}
+    return diff_keys(old, new)
+
+
+@dataclass
+class _Job:
+    run: RunDir
+    config: object  # RunConfig
+    changed: list[str]  # keys of the run's stored config that its recipe no longer gives
+    train: bool = True
+
+
+def jobs(rows: list, seed: int, scale: str, runs_dir, ledger: Ledger | None, overrides) -> list[_Job]:
+    """The runs of ``rows`` for one seed, each saying whether it has to train: not when it finished
+    in ``runs_dir`` with today's recipe, nor when ``ledger`` records it so -- unless a run that
+    trains loads it as its guide (the record holds no weights)."""
+    out = []
+    for row in rows:
+        name = f"{row.run}_s{seed}"
+        run = RunDir(runs_dir, name)
+        extra = {"name": name, "train.seed": seed, **row.overrides, **(overrides or {})}
+        config = load_recipe(row.recipe, scale, extra)
+        if config.guidance.guide_run:
+            guide_run = {"guidance.guide_run": f"{config.guidance.guide_run}_s{seed}"}
+            config = load_recipe(row.recipe, scale, {**extra, **guide_run})
+        changed = _changed_keys(run, config)
+        guide = RunDir(runs_dir, config.guidance.guide_run) if config.guidance.guide_run else None
+        if guide is not None and _newer(guide.path / "final.pt", run.path / "summary.json"):
+            changed.append(f"its guide {guide.name} was trained again")
+        out.append(_Job(run, config, changed))
+    needed: set[str] = set()  # guides that a run which trains loads
+    for job in reversed(out):  # a guide comes before the runs that load it
+        name = job.run.name
+        recorded = ledger is not None and ledger.holds(name, job.config.model_dump(mode="json"))
+        job.train = bool(job.changed) or not job.run.is_finished() and (not recorded or name in needed)
+        if job.train and job.config.guidance.guide_run:
+            needed.add(job.config.guidance.guide_run)
+    return out
