@@ -2,7 +2,7 @@
 
 ``runs/`` stays out of git (checkpoints, metrics), so a fresh checkout holds none of an earlier
 session's runs. For every finished run it reports, ``repguide reproduce`` writes one small JSON file
--- the run's ``summary.json`` and a digest of the config it was trained with -- under
+-- the run's ``summary.json`` and the config it was trained with -- under
 ``docs/reproduction/results/<runs folder name>/`` beside the report. A run recorded there with the
 config its recipe gives today counts as finished, and the report reads its numbers from the record
 where the runs folder lacks the run. What needs a run's weights still needs the run itself: a
@@ -12,7 +12,6 @@ tables read the runs' models.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,9 @@ from pathlib import Path
 from repguide.config import diff_keys, load_recipe, upgrade
 from repguide.runs import RunDir, atomic_write_text, check_run_name
 
-__all__ = ["Ledger", "config_digest", "jobs"]
+__all__ = ["Ledger", "jobs"]
 
 _LABELS = ("description", "claim")  # words about a run, not what it trains with
-
-
-def config_digest(config: dict) -> str:
-    """A digest of a run's config (its JSON dump) that ignores the labels."""
-    kept = {k: v for k, v in config.items() if k not in _LABELS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 class Ledger:
@@ -59,18 +52,25 @@ class Ledger:
         entry = self._entry(name)
         return entry["summary"] if entry else None
 
-    def holds(self, name: str, config: dict) -> bool:
-        """Whether run ``name`` is recorded as finished with ``config`` (its JSON dump)."""
+    def changed_keys(self, name: str, config: dict) -> list[str] | None:
+        """The keys whose values differ between the config run ``name`` was recorded with (filled
+        in with the defaults of keys added since, as a run folder's is) and ``config`` (a JSON
+        dump); None when the run is not recorded."""
         entry = self._entry(name)
-        return bool(entry) and entry["config"] == config_digest(config)
+        if entry is None:
+            return None
+        recorded = upgrade(entry["config"])
+        if recorded is None:
+            return ["(unreadable config)"]
+        return diff_keys(_without_labels(recorded), _without_labels(config))
 
     def record(self, run: RunDir) -> bool:
-        """Record ``run`` if it finished (its summary and config digest); whether it did."""
-        config = upgrade(run.read_config())
+        """Record ``run`` if it finished (its summary and the config it was trained with); whether it did."""
+        config = run.read_config()
         if not run.is_finished() or config is None:
             return False
         summary = json.loads((run.path / "summary.json").read_text())
-        entry = {"name": run.name, "config": config_digest(config), "summary": summary}
+        entry = {"name": run.name, "config": config, "summary": summary}
         text = json.dumps(entry, indent=1, sort_keys=True) + "\n"
         path = self._path(run.name)
         if path.exists() and path.read_text() == text:
@@ -78,6 +78,10 @@ class Ledger:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
         return True
+
+
+def _without_labels(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _LABELS}
 
 
 def _newer(a: Path, b: Path) -> bool:
@@ -94,9 +98,7 @@ def _changed_keys(run: RunDir, config) -> list[str]:
     previous = upgrade(stored)
     if previous is None:
         return ["(unreadable config)"]
-    old = {k: v for k, v in previous.items() if k not in _LABELS}
-    new = {k: v for k, v in config.model_dump(mode="json").items() if k not in _LABELS}
-    return diff_keys(old, new)
+    return diff_keys(_without_labels(previous), _without_labels(config.model_dump(mode="json")))
 
 
 @dataclass
@@ -127,8 +129,11 @@ def jobs(rows: list, seed: int, scale: str, runs_dir, ledger: Ledger | None, ove
         out.append(_Job(run, config, changed))
     needed: set[str] = set()  # guides that a run which trains loads
     for job in reversed(out):  # a guide comes before the runs that load it
-        name = job.run.name
-        recorded = ledger is not None and ledger.holds(name, job.config.model_dump(mode="json"))
+        name, recorded = job.run.name, False
+        if ledger is not None and not job.run.path.exists():
+            keys = ledger.changed_keys(name, job.config.model_dump(mode="json"))
+            recorded = keys == []
+            job.changed = keys or job.changed  # recorded with another config: trained again, saying why
         job.train = bool(job.changed) or not job.run.is_finished() and (not recorded or name in needed)
         if job.train and job.config.guidance.guide_run:
             needed.add(job.config.guidance.guide_run)
