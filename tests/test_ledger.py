@@ -11,6 +11,7 @@ import pytest
 
 import repguide.reproduce as rp
 from repguide.claims import load_claims
+from repguide.errors import RunDirError
 from repguide.ledger import Ledger
 from repguide.runs import RunDir
 
@@ -123,8 +124,11 @@ def test_an_unfinished_run_is_not_recorded_and_a_broken_record_names_its_file(tm
     assert not ledger.record(run) and ledger.summary("x_s0") is None
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "y_s0.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match=r"y_s0\.json: not a results record"):
+    with pytest.raises(RunDirError, match=r"y_s0\.json: not a results record \(expected an object"):
         ledger.summary("y_s0")
+    (tmp_path / "results" / "z_s0.json").write_text('{"config": ')
+    with pytest.raises(RunDirError, match=r"z_s0\.json: not a results record, its JSON does not parse"):
+        ledger.summary("z_s0")
 
 
 def test_a_chosen_claim_with_no_run_here_nor_recorded_keeps_its_section(tmp_path, suite, capsys):

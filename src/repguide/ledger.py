@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repguide.config import diff_keys, load_recipe, upgrade
+from repguide.errors import RunDirError
 from repguide.runs import RunDir, atomic_write_text, check_run_name
 
 __all__ = ["Ledger", "jobs"]
@@ -42,9 +43,14 @@ class Ledger:
         path = self._path(name)
         if not path.exists():
             return None
-        entry = json.loads(path.read_text())
-        if not isinstance(entry, dict) or not isinstance(entry.get("summary"), dict) or "config" not in entry:
-            raise ValueError(f"{path}: not a results record (expected an object with 'config' and 'summary')")
+        try:
+            entry = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path}: not a results record, its JSON does not parse ({err}); "
+                              "restore it from git or delete it to train the run again") from None
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), dict) for k in ("config", "summary"))):
+            raise RunDirError(f"{path}: not a results record (expected an object with the objects 'config' and "
+                              "'summary'); restore it from git or delete it to train the run again")
         return entry
 
     def summary(self, name: str) -> dict | None:
