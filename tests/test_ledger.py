@@ -59,7 +59,7 @@ def reproduce(tmp_path: Path, **kwargs) -> str:
     return report.read_text()
 
 
-def test_a_fresh_checkout_trains_nothing_that_is_recorded_and_reports_it(tmp_path, suite):
+def test_a_fresh_checkout_trains_nothing_that_is_recorded_and_reports_it(tmp_path, suite, capsys):
     first = reproduce(tmp_path)
     assert suite == ["deep_fcn_baseline_s0", "resnet18_fmnist_s0", "deep_fcn_resnet18_s0"]
     folder = tmp_path / "docs" / "reproduction" / "results" / "runs"
@@ -71,7 +71,9 @@ def test_a_fresh_checkout_trains_nothing_that_is_recorded_and_reports_it(tmp_pat
 
     shutil.rmtree(tmp_path / "runs")  # a new checkout: the record is in git, the runs are not
     suite.clear()
+    capsys.readouterr()
     assert reproduce(tmp_path) == first and suite == []
+    assert "3 run(s) of seed 0 are finished in the record" in capsys.readouterr().out
     assert "25.00 ± 0.00 (n=1)" in first and "this section's finished runs took 2 min" in first
 
 

@@ -79,7 +79,12 @@ def reproduce(
     started = time.time()
     ledger = Ledger.beside(report, runs_dir) if report is not None else None
     for seed in range(seeds):
-        for job in jobs(plan(claims, scale, recipes), seed, scale, runs_dir, ledger, overrides):
+        todo = jobs(plan(claims, scale, recipes), seed, scale, runs_dir, ledger, overrides)
+        recorded = [job.run.name for job in todo if not job.train and not job.run.path.exists()]
+        if recorded:
+            print(f"[reproduce] {len(recorded)} run(s) of seed {seed} are finished in the record "
+                  f"{ledger.folder}, not in {runs_dir}: {', '.join(recorded)}", flush=True)
+        for job in todo:
             run, name = job.run, job.run.name
             if job.changed:  # the recipe changed since this run: its results no longer belong to it
                 print(f"[reproduce] {name}: the recipe changed ({', '.join(job.changed)}); training again", flush=True)
