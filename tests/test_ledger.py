@@ -140,3 +140,16 @@ def test_a_chosen_claim_with_no_run_here_nor_recorded_keeps_its_section(tmp_path
     rp.write_report(rp.CLAIMS, "tiny", 1, tmp_path / "runs", tmp_path / "R.md", 0.0, only=["C1"])
     assert "25.00 ± 0.00 (n=1)" in (tmp_path / "R.md").read_text() and "not run" not in first
     assert "C1: no run of it in" in capsys.readouterr().out
+
+
+def test_a_recorded_run_trains_again_when_its_guide_does_for_a_changed_recipe(tmp_path, suite, capsys):
+    reproduce(tmp_path)
+    shutil.rmtree(tmp_path / "runs")
+    path = tmp_path / "docs" / "reproduction" / "results" / "runs" / "resnet18_fmnist_s0.json"
+    entry = json.loads(path.read_text())
+    entry["config"]["train"]["batch_size"] += 1  # the guide's recipe has changed since it was recorded
+    path.write_text(json.dumps(entry))
+    suite.clear()
+    reproduce(tmp_path)
+    assert suite == ["resnet18_fmnist_s0", "deep_fcn_resnet18_s0"]
+    assert "deep_fcn_resnet18_s0: the recipe changed (its guide resnet18_fmnist_s0 is trained again)" in capsys.readouterr().out

@@ -143,4 +143,10 @@ def jobs(rows: list, seed: int, scale: str, runs_dir, ledger: Ledger | None, ove
         job.train = bool(job.changed) or not job.run.is_finished() and (not recorded or name in needed)
         if job.train and job.config.guidance.guide_run:
             needed.add(job.config.guidance.guide_run)
+    changed_guides = {job.run.name for job in out if job.changed}
+    for job in out:  # a recorded run whose guide trains again for a changed recipe goes with it
+        guide = job.config.guidance.guide_run
+        if guide in changed_guides and not job.run.path.exists() and not job.changed:
+            job.changed, job.train = [f"its guide {guide} is trained again"], True
+            changed_guides.add(job.run.name)
     return out
