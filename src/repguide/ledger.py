@@ -63,12 +63,7 @@ class Ledger:
         in with the defaults of keys added since, as a run folder's is) and ``config`` (a JSON
         dump); None when the run is not recorded."""
         entry = self._entry(name)
-        if entry is None:
-            return None
-        recorded = upgrade(entry["config"])
-        if recorded is None:
-            return ["(unreadable config)"]
-        return diff_keys(_without_labels(recorded), _without_labels(config))
+        return None if entry is None else _diff(entry["config"], config)
 
     def record(self, run: RunDir) -> bool:
         """Record ``run`` if it finished (its summary and the config it was trained with); whether it did."""
@@ -99,12 +94,15 @@ def _changed_keys(run: RunDir, config) -> list[str]:
     """Keys whose values differ between the config ``run`` was trained with and ``config``
     (the run's schedule length included; empty when the run has no config yet)."""
     stored = run.read_config()
-    if stored is None:
-        return []
+    return [] if stored is None else _diff(stored, config.model_dump(mode="json"))
+
+
+def _diff(stored: dict, config: dict) -> list[str]:
+    """The keys that differ between a stored config (upgraded to today's schema) and ``config``."""
     previous = upgrade(stored)
     if previous is None:
         return ["(unreadable config)"]
-    return diff_keys(_without_labels(previous), _without_labels(config.model_dump(mode="json")))
+    return diff_keys(_without_labels(previous), _without_labels(config))
 
 
 @dataclass
