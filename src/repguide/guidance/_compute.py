@@ -3,7 +3,7 @@
 Linear CKA (the default measure) in the Gram form goes through
 :func:`repguide.similarity.fused.linear_cka_loss`: the pairs whose target activations share a
 shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
-and compared in one autograd node that also returns their weighted loss: ~20 aten ops forward
+and compared in one autograd node that also returns their weighted loss: ~18 aten ops forward
 and 5 backward for the whole stack, one ``bmm`` each way (benchmarks/README.md, log #46, #51).
 Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
 ``compare``, each target layer prepared once. No path reads a value on the host (the guide's

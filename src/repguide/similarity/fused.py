@@ -150,18 +150,19 @@ class _LinearCKAStack(torch.autograd.Function):
             x = torch.cat([x if x.dim() == 3 else x[None] for x in xs])
         m = x.shape[0]
         # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
-        # underflows; x[i] is constant when every centred entry is within 64 ulps of it.
+        # underflows; x[i] is constant when every centred entry is within 64 ulps of it, and its
+        # |K| is then taken as inf, so that K̂ = K / |K| is 0 (its similarity 0, its gradient 0).
         top = abs_max(x, (1, 2), keepdim=True).add_(torch.finfo(x.dtype).tiny)
         xs_ = (x - x.mean(dim=1, keepdim=True)).div_(top)
         spread = abs_max(xs_, (1, 2), keepdim=True)
         k = torch.bmm(xs_, xs_.transpose(1, 2))
-        inv = torch.linalg.vector_norm(k, dim=(1, 2), keepdim=True).reciprocal_()
-        inv.masked_fill_(spread <= CONSTANT_ULPS * torch.finfo(x.dtype).eps, 0)
-        sim = (k * l).sum(dim=(1, 2), keepdim=True).mul_(inv)
-        coef = sim * inv
-        # d sim / dK = (L̂ − sim/|K| · K) / |K|; dK/dxs: (G + Gᵀ) xs = 2 G xs (G symmetric); dxs/dx:
+        norm = torch.linalg.vector_norm(k, dim=(1, 2), keepdim=True)
+        norm.masked_fill_(spread <= CONSTANT_ULPS * torch.finfo(x.dtype).eps, inf)
+        kn = k.div_(norm)  # K̂, in K's storage
+        sim = (kn * l).sum(dim=(1, 2), keepdim=True)
+        # d sim / dK = (L̂ − sim · K̂) / |K|; dK/dxs: (G + Gᵀ) xs = 2 G xs (G symmetric); dxs/dx:
         # 1/top times the centring (CKA is invariant to the scale, so its own derivative is 0).
-        ctx.save_for_backward(xs_, k, l, coef, inv.div_(top), w3)
+        ctx.save_for_backward(xs_, kn, l, sim, norm.mul_(top), w3)
         ctx.set_materialize_grads(False)  # an output without a gradient gets None, not zeros
         ctx.flat, ctx.rows = flat, [1 if f else x.shape[0] for f, x in zip(flat, xs)]
         sims = sim.view(m)
@@ -171,16 +172,15 @@ class _LinearCKAStack(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        xs_, k, l, coef, factor, w3 = ctx.saved_tensors
+        xs_, kn, l, sim, norm_top, w3 = ctx.saved_tensors
         if w3 is None or grads[0] is None:  # a gradient through the similarities alone
             row = grads[-1].view(-1, 1, 1)
         else:  # d loss / d sim = −w
             row = w3 * grads[0] if grads[1] is None else grads[1].view(-1, 1, 1) + w3 * grads[0]
-        scale = row * factor
         # 2 G xs · grad/(|K| top), the scalars folded into the n×n G (not a pass over the n×d
         # result; beta=0: the first xs only gives the shape). The centring of dxs/dx is left out:
-        # G xs is centred already, as 1ᵀG = 1ᵀL̂ − coef·1ᵀK = 0 for a centred L̂ and a centred xs.
-        g = torch.addcmul(l, k, coef, value=-1).mul_(scale)
+        # G xs is centred already, as 1ᵀG = 1ᵀL̂ − sim·1ᵀK̂ = 0 for a centred L̂ and a centred xs.
+        g = torch.addcmul(l, kn, sim, value=-1).mul_(row / norm_top)
         dx = torch.baddbmm(xs_, g, xs_, beta=0, alpha=2)
         flat = ctx.flat
         if len(flat) == 1:
