@@ -116,20 +116,24 @@ def _fused(measure, t: Tensor, g: list) -> bool:
     return all(p.x is None or use_gram_form(n, d, p.d) for p in g)
 
 
-def _stack_similarities(xs: list[Tensor], units: Tensor, weights: tuple, total: float) -> tuple[Tensor, Tensor]:
+def _stack_similarities(xs: list[Tensor], units: Tensor, weights: tuple, total: float,
+                        layers: bool = False) -> tuple[Tensor, Tensor]:
     """``(Σ weight · (1 − similarity), similarities)`` of the target layers ``xs`` (each (n, d), or
-    (positions, n, d)) against the guides' unit Grams ``units: (m, n, n)``, one per (n, d) row of
-    the stack, with the rows' ``weights`` (w, −w as (m, 1, 1)) and ``total`` = Σ weight."""
-    return linear_cka_loss(xs, units, *weights, total)
+    (positions, n, d); with ``layers``, (n, ...) activations of one shape) against the guides' unit
+    Grams ``units: (m, n, n)``, one per (n, d) row of the stack, with the rows' ``weights`` (w, −w
+    as (m, 1, 1)) and ``total`` = Σ weight."""
+    return linear_cka_loss(xs, units, *weights, total, layers)
 
 
-def _targets_of_stack(xs: list) -> list[Tensor]:
-    """The target layers of a stack as tensors; non-contiguous ones of one shape stacked here in
-    their one copy (flattening each first would copy it twice)."""
+def _targets_of_stack(xs: list) -> tuple[list[Tensor], bool]:
+    """The target layers of a stack as tensors, and whether they are unflattened activations of
+    one shape: non-contiguous ones of one shape are flattened by the stack, in its one copy
+    (flattening each first would copy it twice; the stack inside the node also keeps its backward
+    to one ``unbind``)."""
     raw = [x.a for x in xs if isinstance(x, _Unflattened)]
     if len(xs) > 1 and len(raw) == len(xs) and len({a.shape for a in raw}) == 1:
-        return [torch.stack(raw).reshape(len(raw), raw[0].shape[0], -1)]  # a view unless stack kept a layout
-    return [_tensor(x) for x in xs]
+        return raw, True
+    return [_tensor(x) for x in xs], False
 
 
 def _stacked(units: list[Tensor]) -> Tensor:
@@ -167,9 +171,9 @@ def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Ca
     per_row = tuple(pair.weight / size for (pair, _, _), size in zip(items, sizes) for _ in range(size))
     total = sum(pair.weight for pair, _, _ in items)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xs = _targets_of_stack([x for _, x, _ in items])
+        xs, layers = _targets_of_stack([x for _, x, _ in items])
         units = _stacked([u for _, _, us in items for u in us])
-        term, sims = stack_function(xs, units, _row_weights(per_row, x.dtype, x.device), total)
+        term, sims = stack_function(xs, units, _row_weights(per_row, x.dtype, x.device), total, layers)
     if sims.device.type == "cuda" and stack_function is not _stack_similarities:
         term, sims = term.clone(), sims.clone()  # a CUDA graph's outputs are overwritten by its next replay
     rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]

@@ -140,9 +140,12 @@ class _LinearCKAStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, l: Tensor, w: Tensor | None, w3: Tensor | None, total: float, *xs: Tensor):
+    def forward(ctx, l: Tensor, w: Tensor | None, w3: Tensor | None, total: float, layers: bool, *xs: Tensor):
         flat = tuple(x.dim() == 2 for x in xs)
-        if len(xs) == 1:
+        ctx.layers = xs[0].shape if layers else None
+        if layers:  # layers (n, ...) of one shape, each one row flattened: one copy (the stack)
+            x = torch.stack(xs).reshape(len(xs), xs[0].shape[0], -1)
+        elif len(xs) == 1:
             x = xs[0][None] if flat[0] else xs[0]
         elif all(flat):
             x = torch.stack(xs)
@@ -183,24 +186,30 @@ class _LinearCKAStack(torch.autograd.Function):
         g = torch.addcmul(l, kn, sim, value=-1).mul_(row / norm_top)
         dx = torch.baddbmm(xs_, g, xs_, beta=0, alpha=2)
         flat = ctx.flat
-        if len(flat) == 1:
+        if ctx.layers is not None:
+            parts = dx.view(len(flat), *ctx.layers).unbind(0)
+        elif len(flat) == 1:
             parts = (dx[0] if flat[0] else dx,)
         elif all(flat):
             parts = dx.unbind(0)
         else:
             parts = tuple(p[0] if f else p for p, f in zip(dx.split(ctx.rows), flat))
-        return (None, None, None, None, *parts)
+        return (None, None, None, None, None, *parts)
 
 
 def linear_cka_stack(x: Tensor, l: Tensor) -> Tensor:
     """``(m,)`` linear CKA of ``x: (m, n, d)`` against unit centred Grams ``l: (m, n, n)`` (from
     :func:`unit_centred_gram` or :func:`unit_gram`; the gradient assumes them centred, 1ᵀl[i] = 0);
     0 for a constant x[i], NaN for a non-finite one."""
-    return _LinearCKAStack.apply(l, None, None, 0.0, x)
+    return _LinearCKAStack.apply(l, None, None, 0.0, False, x)
 
 
-def linear_cka_loss(xs: list[Tensor], l: Tensor, w: Tensor, w3: Tensor, total: float) -> tuple[Tensor, Tensor]:
+def linear_cka_loss(
+    xs: list[Tensor], l: Tensor, w: Tensor, w3: Tensor, total: float, layers: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(total − w·sim, sim)`` with ``sim: (m,)`` the linear CKA of the rows of ``xs`` (each
-    ``(n, d)`` one row, or ``(p, n, d)`` p rows, stacked in order) against ``l: (m, n, n)``, in one
-    autograd node (``w3`` is −w as ``(m, 1, 1)``). Both outputs carry gradients."""
-    return _LinearCKAStack.apply(l, w, w3, total, *xs)
+    ``(n, d)`` one row, or ``(p, n, d)`` p rows, stacked in order; with ``layers``, activations
+    ``(n, ...)`` of one shape, each one row, flattened in the stack's one copy: a non-contiguous
+    layer's ``reshape(n, -1)`` would copy it first) against ``l: (m, n, n)``, in one autograd node
+    (``w3`` is −w as ``(m, 1, 1)``). Both outputs carry gradients."""
+    return _LinearCKAStack.apply(l, w, w3, total, layers, *xs)
