@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORKLOADS, check_environment, interleaved, machine, require_cpu, save, table  # noqa: E402
 from bench_step import Runner  # noqa: E402
 
-from repguide.similarity import Prepared, base, fused  # noqa: E402
+from repguide.similarity import Prepared, fused, prepared  # noqa: E402
 
 GRAM_ONLY = Prepared.__dict__["gram_only"]
 RAW = "raw Gram + host check (CPU default)"
@@ -54,7 +54,7 @@ def gram_path(name: str):
 
 def fallbacks(xs: list[torch.Tensor]) -> int:
     """On how many inputs the raw-Gram path's host check falls back to the device path."""
-    return sum(base._raw_centred_gram(x) is None for x in xs)
+    return sum(prepared._raw_centred_gram(x) is None for x in xs)
 
 
 def guide_inputs(runner: Runner) -> list[torch.Tensor]:

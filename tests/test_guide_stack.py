@@ -185,3 +185,53 @@ def test_nothing_is_held_where_no_stack_can_be_made():
         stream.acts[f"l{i}"] = torch.zeros(4, 10)
         stream.on_layer()
         assert prepared[-1] == [f"l{i}"]  # at once, not at the flush
+
+
+def test_layers_of_one_n_and_different_widths_are_one_group_and_equal_their_float64_grams(device_path):
+    """Widths of which there is one layer each: one group (its Grams rows of one tensor), each
+    Gram its float64 reference, a constant layer's zeros and a non-finite layer's NaN kept."""
+    torch.manual_seed(0)
+    xs = [torch.randn(12, 30) * 1e3 + 5e4, torch.randn(12, 17) * 1e-3, torch.full((12, 13), 2.0),
+          torch.randn(12, 21), torch.randn(12, 30) * 1e-2]
+    xs[3][4, 2] = float("nan")
+    prepared = get_measure("cka").prepare_guides(xs, [[40]] * len(xs))
+    units = [p.gram for p in prepared]
+    # (12, 30) twice: one stack; the widths 17, 13 and 21: one group
+    assert units[0].untyped_storage().data_ptr() == units[4].untyped_storage().data_ptr()
+    assert len({u.untyped_storage().data_ptr() for u in units[1:4]}) == 1
+    assert units[1].untyped_storage().data_ptr() != units[0].untyped_storage().data_ptr()
+    for i in (0, 1, 4):
+        assert not bool(prepared[i].constant)
+        torch.testing.assert_close(units[i].double(), _centred_unit_gram64(xs[i]), rtol=0, atol=1e-6)
+    assert bool(prepared[2].constant) and torch.equal(units[2], torch.zeros(12, 12))
+    assert torch.isnan(units[3]).all()
+    alone = [fused.unit_centred_gram(x) for x in xs[1:4]]
+    for (u, c), p in zip(alone, prepared[1:4]):
+        torch.testing.assert_close(p.gram, u, rtol=0, atol=1e-7, equal_nan=True)
+        assert bool(c) == bool(p.constant)
+
+
+def test_a_guided_step_is_the_same_whether_its_guide_layers_of_different_widths_are_grouped_or_not(
+        device_path, monkeypatch):
+    from repguide.similarity import base
+
+    groups, original = [], base.gram_only_group
+    monkeypatch.setattr(base, "gram_only_group", lambda xs, min_n=2: groups.append(len(xs)) or original(xs, min_n))
+    x = torch.randn(8, 16)
+    results = []
+    for hold in (_guide_stream.HOLD_BYTES, 0):
+        monkeypatch.setattr(_guide_stream, "HOLD_BYTES", hold)
+        torch.manual_seed(0)
+        target = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(16, 16), nn.Tanh())])
+        guide = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 20), nn.Tanh())
+        out = rg.Guidance(target, guide.eval(), pairs=[("1", "1"), ("3", "3"), ("5", "5")])(x)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in target.parameters()]))
+    assert groups == [3]  # with the default budget; none with 0
+    (grouped, grads_g), (alone, grads_a) = results
+    for key in grouped.similarities:
+        assert abs(grouped.similarities[key].item() - alone.similarities[key].item()) <= 1e-6
+    for gg, ga in zip(grads_g, grads_a):
+        torch.testing.assert_close(gg, ga, rtol=1e-5, atol=1e-7)
+    want = rg.cka(target[:4](x).double(), guide[:4](x).double()).item()
+    assert abs(grouped.similarities[("3", "3")].item() - want) <= 1e-6

@@ -19,8 +19,9 @@ from torch import Tensor
 #: layers, their stack and its centred copy are the guide's peak: on benchmark (a) (an FCN guided by a
 #: ResNet-18 of width 16 at batch 256, whose layers are 2-16 MiB), on the device path, the step's peak
 #: memory rise was 179 MiB at 8 MiB, 216 at 16 and 345 at 64, against 202 with nothing held
-#: (benchmarks/README.md, log #53).
-HOLD_BYTES = 8 << 20
+#: (benchmarks/README.md, log #53); 16 MiB since layers of different widths are batched too (log
+#: #58: (b)'s two guide layers, 12 and 4 MiB, are one group; (a) 199 → 235 MiB, (c) 166 → 149).
+HOLD_BYTES = 16 << 20
 
 
 class GuideStream:

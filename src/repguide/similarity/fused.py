@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "linear_cka_loss", "linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_grams", "unit_gram",
+    "linear_cka_loss", "linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_gram_list",
+    "unit_centred_grams", "unit_gram",
 ]
 
 #: An input whose every centred entry is within this many ulps of its largest |entry| is constant
@@ -97,6 +98,22 @@ def unit_centred_grams(x: Tensor) -> tuple[Tensor, Tensor]:
     batched ops (the positions of a per-position guide layer): ``(L̂: (m, n, n), constant: (m,))``."""
     units, constant = _unit_centred_grams(x, (1, 2))
     return units, constant.view(-1)
+
+
+def unit_centred_gram_list(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`unit_centred_gram` of each of ``xs``, layers ``(n, d_i)`` of one n and dtype whose
+    widths differ, their whole-layer steps each one ``_foreach`` op for all of them (the column
+    means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``."""
+    ys = torch._foreach_sub(xs, [x.mean(dim=0, keepdim=True) for x in xs])
+    torch._foreach_sub_(ys, [y.mean(dim=0, keepdim=True) for y in ys])
+    finfo = torch.finfo(xs[0].dtype)
+    tops = torch._foreach_norm(xs, inf)  # max |x| of each
+    torch._foreach_add_(tops, finfo.tiny)
+    torch._foreach_div_(ys, tops)
+    constant = torch.stack(torch._foreach_norm(ys, inf)) <= CONSTANT_ULPS * finfo.eps
+    raw = torch.stack([y @ y.T for y in ys])
+    norm = torch.linalg.vector_norm(raw, dim=(1, 2), keepdim=True)
+    return raw.div_(norm).masked_fill_(constant.view(-1, 1, 1), 0), constant
 
 
 def _unit_centred_grams(

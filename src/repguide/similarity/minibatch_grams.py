@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repguide.similarity.base import Prepared, _compute_dtype
+from repguide.similarity.prepared import Prepared, _compute_dtype
 from repguide.similarity.fused import CONSTANT_ULPS, abs_max, symmetric_gram
 
 __all__ = ["centred_gram", "symmetric_gram"]
