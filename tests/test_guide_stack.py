@@ -61,7 +61,8 @@ def test_a_guided_step_is_the_same_whether_its_guide_layers_are_stacked_or_not(d
 
     stacks = []
     original = base.gram_only_stack
-    monkeypatch.setattr(base, "gram_only_stack", lambda x, min_n=2: stacks.append(x.shape) or original(x, min_n))
+    monkeypatch.setattr(base, "gram_only_stack",
+                        lambda x, min_n=2, md=None: stacks.append(x.shape) or original(x, min_n, md))
     x = torch.randn(20, 16)
     results = []
     for hold in (_guide_stream.HOLD_BYTES, 0):  # 0: every layer prepared alone, as it comes
@@ -142,7 +143,8 @@ def test_a_constant_and_a_non_finite_guide_layer_in_one_stack_stay_their_own(dev
     from repguide.similarity import base
 
     stacks, original = [], base.gram_only_stack
-    monkeypatch.setattr(base, "gram_only_stack", lambda x, min_n=2: stacks.append(x.shape) or original(x, min_n))
+    monkeypatch.setattr(base, "gram_only_stack",
+                        lambda x, min_n=2, md=None: stacks.append(x.shape) or original(x, min_n, md))
     torch.manual_seed(0)
     target = nn.Sequential(nn.Linear(8, 30), nn.Tanh(), nn.Linear(30, 30), nn.Tanh(), nn.Linear(30, 30))
     guide = _ThreeHeads().eval()
@@ -216,7 +218,8 @@ def test_a_guided_step_is_the_same_whether_its_guide_layers_of_different_widths_
     from repguide.similarity import base
 
     groups, original = [], base.gram_only_group
-    monkeypatch.setattr(base, "gram_only_group", lambda xs, min_n=2: groups.append(len(xs)) or original(xs, min_n))
+    monkeypatch.setattr(base, "gram_only_group",
+                        lambda xs, min_n=2, md=None: groups.append(len(xs)) or original(xs, min_n, md))
     x = torch.randn(8, 16)
     results = []
     for hold in (_guide_stream.HOLD_BYTES, 0):
@@ -235,3 +238,17 @@ def test_a_guided_step_is_the_same_whether_its_guide_layers_of_different_widths_
         torch.testing.assert_close(gg, ga, rtol=1e-5, atol=1e-7)
     want = rg.cka(target[:4](x).double(), guide[:4](x).double()).item()
     assert abs(grouped.similarities[("3", "3")].item() - want) <= 1e-6
+
+
+def test_bf16_products_are_batched_too_and_equal_each_layer_s_own(device_path):
+    """With bf16 operands (the guide_precision fast mode) layers are stacked and grouped as well;
+    each Gram is what the one-layer path makes with the same rounding."""
+    torch.manual_seed(0)
+    xs = [torch.randn(12, 30), torch.randn(12, 30) + 3.0, torch.randn(12, 17), torch.randn(12, 21) * 1e-4]
+    prepared = get_measure("cka").prepare_guides(xs, [[40]] * len(xs), torch.bfloat16)
+    assert len({p.gram.untyped_storage().data_ptr() for p in prepared[2:]}) == 1
+    for x, p in zip(xs, prepared):
+        unit, constant = fused.unit_centred_gram(x, torch.bfloat16)
+        assert p.gram.dtype == torch.float32 and not bool(p.constant) and not bool(constant)
+        torch.testing.assert_close(p.gram, unit, rtol=0, atol=1e-6)
+        assert (p.gram.double() - _centred_unit_gram64(x)).abs().max() < 2e-2  # bf16's rounding, no more

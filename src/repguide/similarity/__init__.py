@@ -22,7 +22,8 @@ Conventions shared by every measure:
   collapsed to a constant receives no alignment gradient.
 
 Modules: :mod:`~repguide.similarity.base` (the registry :data:`MEASURES`, :class:`Measure`, shared
-numerics), :mod:`~repguide.similarity.prepared` (:class:`Prepared` inputs; guide layers prepared in batches), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set;
+numerics), :mod:`~repguide.similarity.prepared` (:class:`Prepared` inputs; guide layers prepared in
+batches), :mod:`~repguide.similarity.kernel_alignment` (linear, unbiased and RBF CKA; minibatch CKA over a data set;
 its Grams in :mod:`~repguide.similarity.minibatch_grams`),
 :mod:`~repguide.similarity.rsa`, :mod:`~repguide.similarity.procrustes` and
 :mod:`~repguide.similarity.sketching`. A measure is added with :func:`register_measure`.

@@ -148,8 +148,8 @@ class Measure:
 
     def stacks_guides(self, device: torch.device, matmul_dtype: torch.dtype | None = None) -> bool:
         """Whether :meth:`prepare_guides` stacks Gram-only layers on ``device``: the device path
-        (not a CPU's tuned one), exact products, and this class's own guide preparation."""
-        return matmul_dtype is None and type(self).prepare is Measure.prepare \
+        (not a CPU's tuned one) and this class's own guide preparation (any ``matmul_dtype``)."""
+        return type(self).prepare is Measure.prepare \
             and type(self).prepare_guide is Measure.prepare_guide and not (fused.CPU_TUNED and device.type == "cpu")
 
     def prepare_guides(
@@ -173,9 +173,9 @@ class Measure:
                 shapes.setdefault(xs[i].shape, []).append(i)
             alone = [i for same in shapes.values() if len(same) == 1 for i in same]
             for same in [same for same in shapes.values() if len(same) > 1]:
-                for i, p in zip(same, gram_only_stack(torch.stack([xs[i] for i in same]), self.min_n)):
+                for i, p in zip(same, gram_only_stack(torch.stack([xs[i] for i in same]), self.min_n, matmul_dtype)):
                     out[i] = p
-            grouped = gram_only_group([xs[i] for i in alone], self.min_n) if len(alone) > 1 else \
+            grouped = gram_only_group([xs[i] for i in alone], self.min_n, matmul_dtype) if len(alone) > 1 else \
                 [self.prepare_guide(xs[i], widths[i], matmul_dtype) for i in alone]
             for i, p in zip(alone, grouped):
                 out[i] = p

@@ -93,17 +93,19 @@ def unit_centred_gram(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tup
     return _unit_centred_grams(x, (0,), matmul_dtype)
 
 
-def unit_centred_grams(x: Tensor) -> tuple[Tensor, Tensor]:
+def unit_centred_grams(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """:func:`unit_centred_gram` of each ``x[i]: (n, d)`` of a stack ``x: (m, n, d)``, in one set of
     batched ops (the positions of a per-position guide layer): ``(L̂: (m, n, n), constant: (m,))``."""
-    units, constant = _unit_centred_grams(x, (1, 2))
+    units, constant = _unit_centred_grams(x, (1, 2), matmul_dtype)
     return units, constant.view(-1)
 
 
-def unit_centred_gram_list(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+def unit_centred_gram_list(xs: list[Tensor], matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """:func:`unit_centred_gram` of each of ``xs``, layers ``(n, d_i)`` of one n and dtype whose
     widths differ, their whole-layer steps each one ``_foreach`` op for all of them (the column
-    means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``."""
+    means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``. A reduced
+    ``matmul_dtype`` rounds each centred layer to it for its product (one more op a layer) and the
+    stacked Grams back (one more)."""
     ys = torch._foreach_sub(xs, [x.mean(dim=0, keepdim=True) for x in xs])
     torch._foreach_sub_(ys, [y.mean(dim=0, keepdim=True) for y in ys])
     finfo = torch.finfo(xs[0].dtype)
@@ -111,7 +113,10 @@ def unit_centred_gram_list(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     torch._foreach_add_(tops, finfo.tiny)
     torch._foreach_div_(ys, tops)
     constant = torch.stack(torch._foreach_norm(ys, inf)) <= CONSTANT_ULPS * finfo.eps
-    raw = torch.stack([y @ y.T for y in ys])
+    if matmul_dtype in (None, xs[0].dtype):
+        raw = torch.stack([y @ y.T for y in ys])
+    else:
+        raw = torch.stack([low @ low.T for low in (y.to(matmul_dtype) for y in ys)]).to(xs[0].dtype)
     norm = torch.linalg.vector_norm(raw, dim=(1, 2), keepdim=True)
     return raw.div_(norm).masked_fill_(constant.view(-1, 1, 1), 0), constant
 
@@ -130,7 +135,7 @@ def _unit_centred_grams(
     constant = abs_max(y, whole, keep) <= CONSTANT_ULPS * finfo.eps
     if matmul_dtype not in (None, x.dtype):
         low = y.to(matmul_dtype)
-        raw = (low @ low.transpose(-1, -2)).to(x.dtype)
+        raw = (low @ low.T if low.dim() == 2 else torch.bmm(low, low.transpose(1, 2))).to(x.dtype)
     else:
         raw = y @ y.T if y.dim() == 2 else torch.bmm(y, y.transpose(1, 2))
     norm = torch.linalg.vector_norm(raw, dim=whole, keepdim=keep)

@@ -146,18 +146,18 @@ def gram_only_positions(x: Tensor, min_n: int = 2) -> list[Prepared]:
     return gram_only_stack(x.transpose(0, 1), min_n)
 
 
-def gram_only_stack(x: Tensor, min_n: int = 2) -> list[Prepared]:
+def gram_only_stack(x: Tensor, min_n: int = 2, matmul_dtype: torch.dtype | None = None) -> list[Prepared]:
     """:meth:`Prepared.gram_only` (its device path) of each ``x[i]: (n, d)`` of ``x: (m, n, d)``, by
     one set of batched ops (:func:`~repguide.similarity.fused.unit_centred_grams`)."""
     if x.shape[-2] < min_n:
         _check_input(x[0], min_n)
     with torch.no_grad():
         x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
-        units, constant = unit_centred_grams(x)
+        units, constant = unit_centred_grams(x, matmul_dtype)
     return [Prepared._of_unit_gram(u, c, x.shape[2]) for u, c in zip(units.unbind(0), constant.unbind(0))]
 
 
-def gram_only_group(xs: list[Tensor], min_n: int = 2) -> list[Prepared]:
+def gram_only_group(xs: list[Tensor], min_n: int = 2, matmul_dtype: torch.dtype | None = None) -> list[Prepared]:
     """:meth:`Prepared.gram_only` (its device path) of layers ``(n, d_i)`` of one n, dtype and
     device whose widths differ, by one set of ops for all of them where an op can take them all
     (:func:`~repguide.similarity.fused.unit_centred_gram_list`): 4 ops a layer and 13 for the group,
@@ -165,7 +165,7 @@ def gram_only_group(xs: list[Tensor], min_n: int = 2) -> list[Prepared]:
     _check_input(xs[0], min_n)
     with torch.no_grad():
         xs = [(x.detach() if x.requires_grad else x).to(_compute_dtype(x)) for x in xs]
-        units, constant = unit_centred_gram_list(xs)
+        units, constant = unit_centred_gram_list(xs, matmul_dtype)
     return [Prepared._of_unit_gram(u, c, x.shape[1]) for u, c, x in zip(units.unbind(0), constant.unbind(0), xs)]
 
 
