@@ -230,6 +230,41 @@ def test_an_ablation_row_is_described_from_the_first_row_of_its_own_recipe(tmp_p
     assert "| off: packed guide (runs through the padding) | row `c5_official` + `guidance.guide.kwargs.packed=false` |" in text
 
 
+def test_a_run_whose_guide_another_process_is_training_is_skipped_not_an_error(tmp_path, monkeypatch, capsys):
+    """The guide in training elsewhere has no weights yet: the runs that load it wait for a later
+    reproduce (skipped with a message), and the suite goes on with the rest."""
+    import repguide.report
+    import repguide.train
+    from repguide.runs import RunDir
+
+    runs, trained = tmp_path / "runs", []
+
+    def fake_train(config, runs_dir, **_):
+        if config.guidance.guide_run:
+            assert (runs_dir / config.guidance.guide_run / "final.pt").exists(), "trained before its guide"
+        run = RunDir(runs_dir, config.name)
+        run.open(resume=False, overwrite=True)
+        run.close()
+        trained.append(config.name)
+
+    table = CLAIM.replace("      - {recipe: deep_fcn_untrained_resnet18,",
+                          "      - {recipe: deep_fcn_resnet18, label: ResNet-18 → Deep FCN}\n"
+                          "      - {recipe: deep_fcn_untrained_resnet18,")
+    monkeypatch.setattr(rp, "CLAIMS", load_claims(claims_file(tmp_path, table)))
+    monkeypatch.setattr(repguide.train, "train", fake_train)
+    monkeypatch.setattr(repguide.report, "update_plots", lambda path: None)
+    holder = RunDir(runs, "resnet18_fmnist_s0")  # the guide of deep_fcn_resnet18, training elsewhere
+    holder.open(resume=False, overwrite=False)
+    try:
+        rp.reproduce("tiny", seeds=1, runs_dir=runs, only=["C1"], report=None, recipes=["deep_fcn_resnet18",
+                                                                                          "deep_fcn_baseline"])
+    finally:
+        holder.close()
+    assert trained == ["deep_fcn_baseline_s0"]
+    out = capsys.readouterr().out
+    assert "deep_fcn_resnet18_s0: skipped, its guide resnet18_fmnist_s0 is being trained by another process" in out
+
+
 def test_a_row_can_be_the_trained_guide_of_another_row_on_the_same_altered_data(tmp_path, monkeypatch):
     table = CLAIM + """
   - id: C1-canvas

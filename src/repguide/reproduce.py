@@ -84,8 +84,13 @@ def reproduce(
         if recorded:
             print(f"[reproduce] {len(recorded)} run(s) of seed {seed} are finished in the record "
                   f"{ledger.folder}, not in {runs_dir}: {', '.join(recorded)}", flush=True)
+        busy: set[str] = set()  # runs another process is training
         for job in todo:
             run, name = job.run, job.run.name
+            if job.config.guidance.guide_run in busy:  # its weights are not there yet
+                print(f"[reproduce] {name}: skipped, its guide {job.config.guidance.guide_run} is being "
+                      "trained by another process", flush=True)
+                continue
             if job.changed:  # the recipe changed since this run: its results no longer belong to it
                 print(f"[reproduce] {name}: the recipe changed ({', '.join(job.changed)}); training again", flush=True)
             elif not job.train or run.is_finished():  # (another process may have finished it since)
@@ -99,6 +104,7 @@ def reproduce(
                 continue
             except RunInUseError as err:  # another reproduce is training it: two can share a suite
                 print(f"[reproduce] {name}: skipped, {err}", flush=True)
+                busy.add(name)
                 continue
             if is_main_process():
                 update_plots(run.path)
