@@ -32,7 +32,7 @@ __all__ = [
 CONSTANT_ULPS = 64
 
 #: Whether a CPU takes the paths tuned for it: the raw guide Gram with its host-side check
-#: (:meth:`~repguide.similarity.base.Prepared.gram_only`; a host read costs nothing there, and the
+#: (:meth:`~repguide.similarity.prepared.Prepared.gram_only`; a host read costs nothing there, and the
 #: device path's passes over x cost 17-22% of the guide's Grams, benchmarks/README.md log #31) and
 #: max |x| as amax and amin (``vector_norm(ord=inf)``, one op, is 5-10x slower on a CPU, log #47).
 #: False takes the accelerator's paths on a CPU too: tests/test_sync_free.py and
@@ -143,7 +143,7 @@ def _unit_centred_grams(
 
 
 def unit_gram(p) -> Tensor:
-    """L̂ of a :class:`~repguide.similarity.base.Prepared` input, computed once and kept on it."""
+    """L̂ of a :class:`~repguide.similarity.prepared.Prepared` input, computed once and kept on it."""
     unit = getattr(p, "_unit", None)
     if unit is None:
         g = p.gram

@@ -1,7 +1,7 @@
 """The Gram matrices of :class:`~repguide.similarity.kernel_alignment.MinibatchCKA` (``compare``):
 one centring pass before a symmetric product, the range and constancy decided after it.
 
-:class:`~repguide.similarity.base.Prepared` centres, then reads the input twice more (the largest
+:class:`~repguide.similarity.prepared.Prepared` centres, then reads the input twice more (the largest
 |entry| before and after centring) and rescales it, so that no product can over- or underflow and a
 constant input is told from rounding noise. Here the input is only centred; what those passes
 decided is read off the n×n Gram's diagonal and the d column means afterwards (a host read per
