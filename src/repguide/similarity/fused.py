@@ -103,7 +103,9 @@ def unit_centred_grams(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tu
 def unit_centred_gram_list(xs: list[Tensor], matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """:func:`unit_centred_gram` of each of ``xs``, layers ``(n, d_i)`` of one n and dtype whose
     widths differ, their whole-layer steps each one ``_foreach`` op for all of them (the column
-    means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``. A reduced
+    means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``. On CUDA the
+    subtractions and the division, whose operands differ in shape, take PyTorch's per-tensor route
+    (one kernel a layer each); the norms and the addition one multi-tensor kernel. A reduced
     ``matmul_dtype`` rounds each centred layer to it for its product (one more op a layer) and the
     stacked Grams back (one more)."""
     ys = torch._foreach_sub(xs, [x.mean(dim=0, keepdim=True) for x in xs])
