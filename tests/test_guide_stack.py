@@ -5,6 +5,7 @@ one set of zero initial states (issue 14: fewer ops per guided step). On the dev
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import repguide as rg
 from repguide.capture import Capture
@@ -252,3 +253,46 @@ def test_bf16_products_are_batched_too_and_equal_each_layer_s_own(device_path):
         assert p.gram.dtype == torch.float32 and not bool(p.constant) and not bool(constant)
         torch.testing.assert_close(p.gram, unit, rtol=0, atol=1e-6)
         assert (p.gram.double() - _centred_unit_gram64(x)).abs().max() < 2e-2  # bf16's rounding, no more
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_two_pair_sequence_step_stays_within_30_extra_ops_a_pair(device_path):
+    """benchmarks/bench_ops.py's (b) in small: an LSTM LM (batch-first layers, non-contiguous
+    outputs) guided at two leaf layers of different widths of a Transformer LM; aten ops of a
+    guided step beyond a plain step and the guide's forward, per pair (29.0 on (b), log #58)."""
+    from repguide import models
+
+    torch.manual_seed(0)
+    target, guide = models.lstm_lm(20, hidden_dim=16, num_layers=2), models.transformer_lm(20, dim=16, depth=4).eval()
+    x, y = torch.randint(0, 20, (8, 12)), torch.randint(0, 20, (8, 12))
+    guidance = rg.Guidance(target, guide, example_input=x, layers="leaves")
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-3)
+
+    def step(guided):
+        out = guidance(x) if guided else None
+        logits = out.output if guided else target(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 20), y.reshape(-1)) + (out.loss if guided else 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def ops(fn):
+        fn()
+        with _Ops() as c:
+            fn()
+        return c.n
+
+    plain, guided = ops(lambda: step(False)), ops(lambda: step(True))
+    with torch.no_grad():
+        forward = ops(lambda: guide(x))
+    assert [p.guide for p in guidance.pairs] == ["blocks.0.attn.qkv", "blocks.3.mlp.fc2"]  # widths 48 and 16
+    assert (guided - plain - forward) / 2 <= 30
