@@ -213,6 +213,70 @@ def test_a_narrow_sketch_approximates_and_is_the_same_at_every_step():
     assert (first - exact).abs().max() < 0.1
 
 
+def _dense_sketch(d: int, dim: int, seed: int) -> torch.Tensor:
+    """The CountSketch of width ``dim`` as a (d, dim) float64 matrix, written out."""
+    from repguide.similarity.sketching import _signs
+
+    dense = torch.zeros(d, dim, dtype=torch.float64)
+    dense[torch.arange(d), torch.arange(d) % dim] = _signs(d, seed, torch.device("cpu")).double()
+    return dense
+
+
+@pytest.mark.parametrize("d, layers", [(96, False), (100, False), (4 * 25, True)])  # dim 32 divides d or not
+def test_the_stack_s_own_sketch_against_float64(d, layers):
+    """linear_cka_loss with signs: each row sketched inside the node (padded, signed, summed), its
+    loss, similarities and gradient those of float64 CKA of x @ S (S the dense CountSketch)."""
+    from repguide.similarity.fused import linear_cka_loss
+    from repguide.similarity.sketching import stacked_signs
+
+    torch.manual_seed(3)
+    shape = (12, 4, d // 4) if layers else (12, d)
+    xs = [(torch.randn(*shape) + 2.0).requires_grad_() for _ in range(3)]
+    if layers:  # non-contiguous activations of one shape, as a batch-first RNN's
+        xs = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in xs]
+    guides = [torch.randn(12, 5) @ torch.randn(5, 9) for _ in range(3)]
+    units = torch.stack([fused.unit_centred_gram(g)[0] for g in guides])
+    w, seeds = torch.tensor([1.0, 0.5, 2.0]), (11, 12, 13)
+    signs = stacked_signs(seeds, d, 32, torch.float32, torch.device("cpu"))
+    loss, sims = linear_cka_loss(xs, units, w, (-w).view(-1, 1, 1), 3.5, layers, signs)
+    sketched = [x.double().reshape(12, -1) @ _dense_sketch(d, 32, s) for x, s in zip(xs, seeds)]
+    want = torch.stack([rg.cka(x, g.double()) for x, g in zip(sketched, guides)])
+    want_loss = (w.double() * (1 - want)).sum()
+    assert torch.allclose(sims.double(), want, rtol=1e-6, atol=0)
+    assert abs(loss.item() - want_loss.item()) <= 1e-6 * want_loss.item()
+    for grad, want_grad in zip(torch.autograd.grad(loss + sims.sum(), xs),
+                               torch.autograd.grad(want_loss + want.sum(), xs)):
+        assert grad.shape == want_grad.shape
+        assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-6 * want_grad.abs().max().item())
+
+
+def test_a_sketched_guided_step_equals_float64_cka_of_the_sketched_layers():
+    """Guidance(sketch_dim=...) on two non-contiguous target layers of one shape (sketched by the
+    stack) and on ones of different widths (each sketched alone): every similarity is float64 CKA
+    of the layers through their fixed sketches, and the stack's path needs no copy of a layer."""
+    from repguide.guidance._compute import sketch_seed
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 7, 6)
+    guide = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh()).eval()
+    from test_sync_free import _BatchFirstView
+
+    target = nn.Sequential(_BatchFirstView(False), nn.Identity(), nn.Flatten(), nn.Linear(35, 50))
+    for pairs in ([("0", "1"), ("1", "3")], [("0", "1"), ("3", "3")]):
+        guidance = rg.Guidance(target, guide, pairs=pairs, sketch_dim=16)
+        out = guidance(x)
+        t_acts = {"0": target[0](x), "1": target[0](x), "3": target(x)}
+        g_acts = {"1": guide[:2](x), "3": guide(x)}
+        for t_name, g_name in pairs:
+            t = t_acts[t_name].reshape(10, -1).double()
+            g = g_acts[g_name].reshape(10, -1).double()
+            t = t @ _dense_sketch(t.shape[1], 16, sketch_seed(0, "target", t_name))
+            g = g @ _dense_sketch(g.shape[1], 16, sketch_seed(0, "guide", g_name))
+            assert abs(out.similarities[(t_name, g_name)].item() - rg.cka(t, g).item()) <= 1e-6
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None)
+
+
 def test_bad_sketch_dim_is_an_error():
     with pytest.raises(ValueError, match="sketch_dim"):
         rg.Guidance(mlp(), cnn(), pairs=PAIRS, sketch_dim=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,11 +23,12 @@ from torch import Tensor
 
 from repguide.capture import reduce
 from repguide.errors import GuidanceError
-from repguide.similarity import Prepared
+from repguide.similarity import Prepared, sketch
 from repguide.similarity.fused import linear_cka_loss, unit_gram
+from repguide.similarity.sketching import stacked_signs
 from repguide.similarity.kernel_alignment import LinearCKA, use_gram_form
 
-__all__ = ["similarities_and_loss"]
+__all__ = ["similarities_and_loss", "sketch_seed"]
 
 
 def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, list]) -> tuple[dict, Tensor]:
@@ -62,16 +64,26 @@ def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, 
     return {p.key: out[p.key] for p in guidance._pairs}, loss
 
 
+def sketch_seed(seed: int, role: str, layer: str) -> int:
+    """The CountSketch seed of one layer ("target" or "guide" ``role``) under ``sketch_seed``."""
+    return zlib.crc32(f"{seed}/{role}/{layer}".encode())
+
+
 def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each paired target layer reduced (and sketched, gathered) once: (n, d) or (n, positions, d)."""
+    """Each paired target layer reduced (and sketched, gathered) once: (n, d) or (n, positions, d).
+    A flattened layer that the stack can flatten (and sketch) in its one copy is left as a
+    :class:`_Flat`: a non-contiguous one, which ``reshape`` would copy first, and with a
+    ``sketch_dim`` any layer wider than it."""
     t_cf = guidance._captures["target"].normalise.channels_first
-    targets = {}
+    dim, targets = guidance.sketch_dim, {}
     for pair in guidance._pairs:
         if pair.target not in targets:
             a = t_acts[pair.target]
-            if guidance.reduction == "flatten" and a.dim() > 2 and not a.is_contiguous() \
-                    and guidance.sketch_dim is None and guidance.all_gather is None:
-                targets[pair.target] = _Unflattened(a)
+            if guidance.reduction == "flatten" and guidance.all_gather is None and (
+                    a.dim() > 2 and not a.is_contiguous() and dim is None
+                    or dim is not None and math.prod(a.shape[1:]) > dim):
+                seed = None if dim is None else sketch_seed(guidance.sketch_seed, "target", pair.target)
+                targets[pair.target] = _Flat(a, seed, dim)
                 guidance._target_widths[pair.target] = targets[pair.target].shape[-1]
                 continue
             t = guidance._sketch("target", pair.target, reduce(a, guidance.reduction, t_cf[pair.target]))
@@ -80,16 +92,20 @@ def _reduced_targets(guidance, t_acts: dict[str, Tensor]) -> dict[str, Tensor]:
     return targets
 
 
-class _Unflattened(NamedTuple):
-    """A target activation with positions that is not contiguous (a batch-first RNN's output, a
-    channels-last conv map), standing for its ``reduce(a, "flatten")``, which would copy it before
-    the stack copies it again: :func:`_targets_of_stack` flattens it within its one copy."""
+class _Flat(NamedTuple):
+    """A target activation standing for its ``reduce(a, "flatten")`` (sketched to ``dim`` with
+    ``seed`` where ``seed`` is set), made by :func:`_targets_of_stack` inside the stack: a
+    non-contiguous activation (a batch-first RNN's output, a channels-last conv map) would be
+    copied by the flatten before the stack copies it again, and a sketch of each layer alone
+    costs a copy and four ops a layer each way, where the stack's is two ops forward and one back."""
 
     a: Tensor
+    seed: int | None = None
+    width: int | None = None  # the sketch's
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.a.shape[0], math.prod(self.a.shape[1:])))
+        return torch.Size((self.a.shape[0], self.width if self.seed is not None else math.prod(self.a.shape[1:])))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,8 +119,11 @@ class _Unflattened(NamedTuple):
         return 2
 
 
-def _tensor(t: Tensor | _Unflattened) -> Tensor:
-    return t.a.reshape(t.a.shape[0], -1) if isinstance(t, _Unflattened) else t
+def _tensor(t: Tensor | _Flat) -> Tensor:
+    if not isinstance(t, _Flat):
+        return t
+    flat = t.a.reshape(t.a.shape[0], -1)
+    return flat if t.seed is None else sketch(flat, t.width, t.seed)
 
 
 def _fused(measure, t: Tensor, g: list) -> bool:
@@ -117,23 +136,32 @@ def _fused(measure, t: Tensor, g: list) -> bool:
 
 
 def _stack_similarities(xs: list[Tensor], units: Tensor, weights: tuple, total: float,
-                        layers: bool = False) -> tuple[Tensor, Tensor]:
+                        layers: bool = False, signs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(Σ weight · (1 − similarity), similarities)`` of the target layers ``xs`` (each (n, d), or
-    (positions, n, d); with ``layers``, (n, ...) activations of one shape) against the guides' unit
-    Grams ``units: (m, n, n)``, one per (n, d) row of the stack, with the rows' ``weights`` (w, −w
-    as (m, 1, 1)) and ``total`` = Σ weight."""
-    return linear_cka_loss(xs, units, *weights, total, layers)
+    (positions, n, d); with ``layers``, (n, ...) activations of one shape; with ``signs``, each
+    layer CountSketched first) against the guides' unit Grams ``units: (m, n, n)``, one per (n, d)
+    row of the stack, with the rows' ``weights`` (w, −w as (m, 1, 1)) and ``total`` = Σ weight."""
+    return linear_cka_loss(xs, units, *weights, total, layers, signs)
 
 
-def _targets_of_stack(xs: list) -> tuple[list[Tensor], bool]:
-    """The target layers of a stack as tensors, and whether they are unflattened activations of
-    one shape: non-contiguous ones of one shape are flattened by the stack, in its one copy
-    (flattening each first would copy it twice; the stack inside the node also keeps its backward
-    to one ``unbind``)."""
-    raw = [x.a for x in xs if isinstance(x, _Unflattened)]
-    if len(xs) > 1 and len(raw) == len(xs) and len({a.shape for a in raw}) == 1:
-        return raw, True
-    return [_tensor(x) for x in xs], False
+def _targets_of_stack(xs: list) -> tuple[list[Tensor], bool, Tensor | None]:
+    """The target layers of a stack as tensors; whether they are activations ``(n, ...)`` of one
+    shape, which the stack flattens in its one copy (flattening a non-contiguous one first would
+    copy it twice; the stack inside the node also keeps its backward to one ``unbind``); and the
+    signs of the sketch the stack applies to them, where they are :class:`_Flat` layers to be
+    sketched, all of one width (None: no sketch, or each layer already sketched alone)."""
+    if not all(isinstance(x, _Flat) for x in xs):
+        return [_tensor(x) for x in xs], False, None
+    one_shape = len(xs) > 1 and len({x.a.shape for x in xs}) == 1
+    if xs[0].seed is None:
+        return ([x.a for x in xs], True, None) if one_shape else ([_tensor(x) for x in xs], False, None)
+    widths = {math.prod(x.a.shape[1:]) for x in xs}
+    if len(widths) > 1:
+        return [_tensor(x) for x in xs], False, None
+    signs = stacked_signs(tuple(x.seed for x in xs), widths.pop(), xs[0].width, xs[0].dtype, xs[0].device)
+    if one_shape:
+        return [x.a for x in xs], True, signs
+    return [x.a.reshape(x.a.shape[0], -1) for x in xs], False, signs
 
 
 def _stacked(units: list[Tensor]) -> Tensor:
@@ -171,9 +199,9 @@ def _fused_group(items: list, out: dict, loss: Tensor | None, stack_function: Ca
     per_row = tuple(pair.weight / size for (pair, _, _), size in zip(items, sizes) for _ in range(size))
     total = sum(pair.weight for pair, _, _ in items)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xs, layers = _targets_of_stack([x for _, x, _ in items])
+        xs, layers, signs = _targets_of_stack([x for _, x, _ in items])
         units = _stacked([u for _, _, us in items for u in us])
-        term, sims = stack_function(xs, units, _row_weights(per_row, x.dtype, x.device), total, layers)
+        term, sims = stack_function(xs, units, _row_weights(per_row, x.dtype, x.device), total, layers, signs)
     if sims.device.type == "cuda" and stack_function is not _stack_similarities:
         term, sims = term.clone(), sims.clone()  # a CUDA graph's outputs are overwritten by its next replay
     rows = sims.unbind() if max(sizes) == 1 else [part.mean() for part in sims.split(sizes)]

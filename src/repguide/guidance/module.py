@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from repguide.capture import Capture, discover, first_tensor, input_batch_size, 
 from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
 from repguide.guidance._checks import check_options, set_guide_mode
-from repguide.guidance._compute import similarities_and_loss
+from repguide.guidance._compute import similarities_and_loss, sketch_seed
 from repguide.guidance._guide_stream import GuideStream
 from repguide.guidance.diagnostics import Diagnosable
 from repguide.guidance._host_step import HostStep
@@ -373,7 +372,7 @@ class Guidance(Diagnosable, nn.Module):
     def _sketch(self, role: str, layer: str, a: Tensor) -> Tensor:
         if self.sketch_dim is None:
             return a
-        return sketch(a, self.sketch_dim, zlib.crc32(f"{self.sketch_seed}/{role}/{layer}".encode()))
+        return sketch(a, self.sketch_dim, sketch_seed(self.sketch_seed, role, layer))
 
     def _similarities(self, t_acts: dict[str, Tensor], guide: dict[str, list]) -> tuple[dict, Tensor]:
         """Every pair's similarity and Σ pair.weight · (1 − similarity): guidance._compute."""

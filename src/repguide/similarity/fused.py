@@ -20,6 +20,7 @@ from __future__ import annotations
 from math import inf
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -164,7 +165,8 @@ class _LinearCKAStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, l: Tensor, w: Tensor | None, w3: Tensor | None, total: float, layers: bool, *xs: Tensor):
+    def forward(ctx, l: Tensor, w: Tensor | None, w3: Tensor | None, total: float, layers: bool,
+                signs: Tensor | None, *xs: Tensor):
         flat = tuple(x.dim() == 2 for x in xs)
         ctx.layers = xs[0].shape if layers else None
         if layers:  # layers (n, ...) of one shape, each one row flattened: one copy (the stack)
@@ -175,6 +177,12 @@ class _LinearCKAStack(torch.autograd.Function):
             x = torch.stack(xs)
         else:
             x = torch.cat([x if x.dim() == 3 else x[None] for x in xs])
+        ctx.sketch = None
+        if signs is not None:  # each row's CountSketch (repguide.similarity.sketch), the stack at once
+            ctx.sketch, ctx.width, padded = signs, x.shape[-1], signs.shape[2] * signs.shape[3]
+            if padded > ctx.width:
+                x = F.pad(x, (0, padded - ctx.width))
+            x = (x.view(*x.shape[:2], *signs.shape[2:]) * signs).sum(2)
         m = x.shape[0]
         # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
         # underflows; x[i] is constant when every centred entry is within 64 ulps of it, and its
@@ -209,6 +217,10 @@ class _LinearCKAStack(torch.autograd.Function):
         # G xs is centred already, as 1ᵀG = 1ᵀL̂ − sim·1ᵀK̂ = 0 for a centred L̂ and a centred xs.
         g = torch.addcmul(l, kn, sim, value=-1).mul_(row / norm_top)
         dx = torch.baddbmm(xs_, g, xs_, beta=0, alpha=2)
+        if ctx.sketch is not None:  # back through the sketch: each bucket's gradient, signed
+            m, n, dim = dx.shape
+            dx = (dx.view(m, n, 1, dim) * ctx.sketch).view(m, n, -1)
+            dx = dx if dx.shape[-1] == ctx.width else dx[..., : ctx.width]
         flat = ctx.flat
         if ctx.layers is not None:
             parts = dx.view(len(flat), *ctx.layers).unbind(0)
@@ -218,22 +230,26 @@ class _LinearCKAStack(torch.autograd.Function):
             parts = dx.unbind(0)
         else:
             parts = tuple(p[0] if f else p for p, f in zip(dx.split(ctx.rows), flat))
-        return (None, None, None, None, None, *parts)
+        return (None, None, None, None, None, None, *parts)
 
 
 def linear_cka_stack(x: Tensor, l: Tensor) -> Tensor:
     """``(m,)`` linear CKA of ``x: (m, n, d)`` against unit centred Grams ``l: (m, n, n)`` (from
     :func:`unit_centred_gram` or :func:`unit_gram`; the gradient assumes them centred, 1ᵀl[i] = 0);
     0 for a constant x[i], NaN for a non-finite one."""
-    return _LinearCKAStack.apply(l, None, None, 0.0, False, x)
+    return _LinearCKAStack.apply(l, None, None, 0.0, False, None, x)
 
 
 def linear_cka_loss(
-    xs: list[Tensor], l: Tensor, w: Tensor, w3: Tensor, total: float, layers: bool = False
+    xs: list[Tensor], l: Tensor, w: Tensor, w3: Tensor, total: float, layers: bool = False,
+    signs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(total − w·sim, sim)`` with ``sim: (m,)`` the linear CKA of the rows of ``xs`` (each
     ``(n, d)`` one row, or ``(p, n, d)`` p rows, stacked in order; with ``layers``, activations
     ``(n, ...)`` of one shape, each one row, flattened in the stack's one copy: a non-contiguous
     layer's ``reshape(n, -1)`` would copy it first) against ``l: (m, n, n)``, in one autograd node
-    (``w3`` is −w as ``(m, 1, 1)``). Both outputs carry gradients."""
-    return _LinearCKAStack.apply(l, w, w3, total, layers, *xs)
+    (``w3`` is −w as ``(m, 1, 1)``). Both outputs carry gradients. ``signs: (m, 1, buckets, dim)``
+    (one row per layer, ``buckets·dim ≥ d``): each row is first CountSketched as
+    :func:`repguide.similarity.sketch` does (zero-padded to ``buckets·dim``, signed, the buckets
+    summed), the whole stack in two ops, and its gradient taken back through the sketch in one."""
+    return _LinearCKAStack.apply(l, w, w3, total, layers, signs, *xs)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sketch"]
+__all__ = ["sketch", "stacked_signs"]
 
 
 def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
@@ -39,3 +39,14 @@ def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
 def _signs(d: int, seed: int, device: torch.device) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 2, (d,), generator=generator).float() * 2 - 1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def stacked_signs(seeds: tuple[int, ...], d: int, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(len(seeds), 1, buckets, dim)``: for each seed, the signs :func:`sketch` gives a d-wide
+    input, zero past d (``buckets·dim ≥ d``): ``(x_padded.view(n, buckets, dim) * signs[i]).sum(1)``
+    is ``sketch(x, dim, seeds[i])``. Made once (never an inference tensor)."""
+    buckets = -(-d // dim)
+    with torch.inference_mode(False):
+        rows = [F.pad(_signs(d, seed, device), (0, buckets * dim - d)) for seed in seeds]
+        return torch.stack(rows).to(dtype).view(len(seeds), 1, buckets, dim)
