@@ -277,9 +277,10 @@ def test_a_sketched_guided_step_equals_float64_cka_of_the_sketched_layers():
         assert all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None)
 
 
-def test_bad_sketch_dim_is_an_error():
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "1024"])
+def test_bad_sketch_dim_is_an_error(bad):
     with pytest.raises(ValueError, match="sketch_dim"):
-        rg.Guidance(mlp(), cnn(), pairs=PAIRS, sketch_dim=0)
+        rg.Guidance(mlp(), cnn(), pairs=PAIRS, sketch_dim=bad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def check_options(
         )
     if guide_precision not in PRECISIONS:
         raise GuidanceError(f"guide_precision must be one of {', '.join(PRECISIONS)}, got {guide_precision!r}")
-    if sketch_dim is not None and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
+    positive_int = isinstance(sketch_dim, int) and not isinstance(sketch_dim, bool) and sketch_dim >= 1
+    if sketch_dim is not None and not positive_int:
         raise GuidanceError(f"sketch_dim must be a positive int or None; got {sketch_dim!r}")
     if guide_mode not in GUIDE_MODES:
         raise GuidanceError(f"guide_mode must be one of {', '.join(GUIDE_MODES)}, got {guide_mode!r}")

@@ -20,8 +20,9 @@ from __future__ import annotations
 from math import inf
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from repguide.similarity.sketching import signed_buckets
 
 __all__ = [
     "linear_cka_loss", "linear_cka_stack", "symmetric_gram", "unit_centred_gram", "unit_centred_gram_list",
@@ -179,10 +180,8 @@ class _LinearCKAStack(torch.autograd.Function):
             x = torch.cat([x if x.dim() == 3 else x[None] for x in xs])
         ctx.sketch = None
         if signs is not None:  # each row's CountSketch (repguide.similarity.sketch), the stack at once
-            ctx.sketch, ctx.width, padded = signs, x.shape[-1], signs.shape[2] * signs.shape[3]
-            if padded > ctx.width:
-                x = F.pad(x, (0, padded - ctx.width))
-            x = (x.view(*x.shape[:2], *signs.shape[2:]) * signs).sum(2)
+            ctx.sketch, ctx.width = signs, x.shape[-1]
+            x = signed_buckets(x, signs)
         m = x.shape[0]
         # Centred, then divided by the largest |x| (as unit_centred_gram): neither over- nor
         # underflows; x[i] is constant when every centred entry is within 64 ulps of it, and its

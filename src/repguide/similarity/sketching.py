@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sketch", "stacked_signs"]
+__all__ = ["signed_buckets", "sketch", "stacked_signs"]
 
 
 def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
@@ -28,11 +28,17 @@ def sketch(x: Tensor, dim: int, seed: int = 0) -> Tensor:
     d = x.shape[-1]
     if d <= dim:
         return x
-    signed = x * _signs(d, seed, x.device).to(x.dtype)
-    buckets = -(-d // dim)  # the last one padded with zeros: four aten ops in all
-    if buckets * dim > d:
-        signed = F.pad(signed, (0, buckets * dim - d))
-    return signed.unflatten(-1, (buckets, dim)).sum(-2)
+    return signed_buckets(x, _bucket_signs(d, seed, dim, x.dtype, x.device))
+
+
+def signed_buckets(x: Tensor, signs: Tensor) -> Tensor:
+    """The CountSketch of ``x: (..., d)`` with ``signs: (..., buckets, dim)`` (broadcast against x's
+    leading axes; zero past d): x zero-padded to ``buckets·dim``, signed, the buckets summed. Three
+    aten ops, four with the pad (dim does not divide d); one ``mul`` back."""
+    width = signs.shape[-2] * signs.shape[-1]
+    if width > x.shape[-1]:
+        x = F.pad(x, (0, width - x.shape[-1]))
+    return (x.unflatten(-1, signs.shape[-2:]) * signs).sum(-2)
 
 
 @functools.lru_cache(maxsize=128)
@@ -41,12 +47,19 @@ def _signs(d: int, seed: int, device: torch.device) -> Tensor:
     return (torch.randint(0, 2, (d,), generator=generator).float() * 2 - 1).to(device)
 
 
-@functools.lru_cache(maxsize=64)
-def stacked_signs(seeds: tuple[int, ...], d: int, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(len(seeds), 1, buckets, dim)``: for each seed, the signs :func:`sketch` gives a d-wide
-    input, zero past d (``buckets·dim ≥ d``): ``(x_padded.view(n, buckets, dim) * signs[i]).sum(1)``
-    is ``sketch(x, dim, seeds[i])``. Made once (never an inference tensor)."""
+@functools.lru_cache(maxsize=128)
+def _bucket_signs(d: int, seed: int, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(buckets, dim)``: feature j's sign at bucket j // dim, column j mod dim; zero past d. Made
+    once (never an inference tensor)."""
     buckets = -(-d // dim)
     with torch.inference_mode(False):
-        rows = [F.pad(_signs(d, seed, device), (0, buckets * dim - d)) for seed in seeds]
-        return torch.stack(rows).to(dtype).view(len(seeds), 1, buckets, dim)
+        return F.pad(_signs(d, seed, device), (0, buckets * dim - d)).to(dtype).view(buckets, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def stacked_signs(seeds: tuple[int, ...], d: int, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(len(seeds), 1, buckets, dim)``: each seed's signs of :func:`sketch` for a d-wide input,
+    so that ``signed_buckets(x, signs)`` of a stack ``x: (len(seeds), n, d)`` sketches each
+    ``x[i]`` as ``sketch(x[i], dim, seeds[i])`` does. Made once (never an inference tensor)."""
+    with torch.inference_mode(False):
+        return torch.stack([_bucket_signs(d, seed, dim, dtype, device) for seed in seeds])[:, None]
