@@ -90,7 +90,8 @@ def unit_centred_gram(x: Tensor, matmul_dtype: torch.dtype | None = None) -> tup
     |entry|: |y| ≤ 2 rules out overflow. x is constant when every centred entry is within 64 ulps
     of that largest |entry| (what :class:`Prepared` tests), i.e. max |y| ≤ 64 ulps; otherwise some
     |y| exceeds it, far from underflow. Fourteen aten ops in all; ``matmul_dtype`` (e.g.
-    ``torch.bfloat16``) rounds y to it for the product, and the Gram back to x's dtype (two more).
+    ``torch.bfloat16``) rounds y to it for the product (one more); the Gram's norm and division
+    are in x's dtype (the division's type promotion gives an L̂ of x's dtype without a cast).
     """
     return _unit_centred_grams(x, (0,), matmul_dtype)
 
@@ -108,8 +109,8 @@ def unit_centred_gram_list(xs: list[Tensor], matmul_dtype: torch.dtype | None = 
     means and the products are per layer): ``(L̂: (k, n, n), constant: (k,))``. On CUDA the
     subtractions and the division, whose operands differ in shape, take PyTorch's per-tensor route
     (one kernel a layer each); the norms and the addition one multi-tensor kernel. A reduced
-    ``matmul_dtype`` rounds each centred layer to it for its product (one more op a layer) and the
-    stacked Grams back (one more)."""
+    ``matmul_dtype`` rounds each centred layer to it for its product (one more op a layer); the
+    stacked Grams' norm and division are in x's dtype (no cast back)."""
     ys = torch._foreach_sub(xs, [x.mean(dim=0, keepdim=True) for x in xs])
     torch._foreach_sub_(ys, [y.mean(dim=0, keepdim=True) for y in ys])
     finfo = torch.finfo(xs[0].dtype)
@@ -119,10 +120,11 @@ def unit_centred_gram_list(xs: list[Tensor], matmul_dtype: torch.dtype | None = 
     constant = torch.stack(torch._foreach_norm(ys, inf)) <= CONSTANT_ULPS * finfo.eps
     if matmul_dtype in (None, xs[0].dtype):
         raw = torch.stack([y @ y.T for y in ys])
-    else:
-        raw = torch.stack([low @ low.T for low in (y.to(matmul_dtype) for y in ys)]).to(xs[0].dtype)
-    norm = torch.linalg.vector_norm(raw, dim=(1, 2), keepdim=True)
-    return raw.div_(norm).masked_fill_(constant.view(-1, 1, 1), 0), constant
+        unit = raw.div_(torch.linalg.vector_norm(raw, dim=(1, 2), keepdim=True))
+    else:  # the reduced Grams' norm and division in x's dtype: no op to cast them back
+        raw = torch.stack([low @ low.T for low in (y.to(matmul_dtype) for y in ys)])
+        unit = raw / torch.linalg.vector_norm(raw, dim=(1, 2), keepdim=True, dtype=xs[0].dtype)
+    return unit.masked_fill_(constant.view(-1, 1, 1), 0), constant
 
 
 def _unit_centred_grams(
@@ -137,13 +139,14 @@ def _unit_centred_grams(
     finfo = torch.finfo(x.dtype)
     y.div_(abs_max(x, whole, keep).add_(finfo.tiny))
     constant = abs_max(y, whole, keep) <= CONSTANT_ULPS * finfo.eps
-    if matmul_dtype not in (None, x.dtype):
-        low = y.to(matmul_dtype)
-        raw = (low @ low.T if low.dim() == 2 else torch.bmm(low, low.transpose(1, 2))).to(x.dtype)
+    reduced = matmul_dtype not in (None, x.dtype)
+    low = y.to(matmul_dtype) if reduced else y
+    raw = low @ low.T if low.dim() == 2 else torch.bmm(low, low.transpose(1, 2))
+    if reduced:  # norm and division in x's dtype (a norm of ≥ 1 dim promotes): no op to cast back
+        unit = raw / torch.linalg.vector_norm(raw, dim=whole, keepdim=True, dtype=x.dtype)
     else:
-        raw = y @ y.T if y.dim() == 2 else torch.bmm(y, y.transpose(1, 2))
-    norm = torch.linalg.vector_norm(raw, dim=whole, keepdim=keep)
-    return raw.div_(norm).masked_fill_(constant, 0), constant
+        unit = raw.div_(torch.linalg.vector_norm(raw, dim=whole, keepdim=keep))
+    return unit.masked_fill_(constant, 0), constant
 
 
 def unit_gram(p) -> Tensor:
