@@ -102,6 +102,31 @@ def test_on_a_cpu_the_guide_grams_are_checked_on_the_host_by_default(monkeypatch
         assert abs(raw[key].item() - device[key].item()) <= 1e-6
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.5, 3.0, 30.0])  # mean share of the energy: 0, 0.2, 0.9, 0.999
+def test_a_cpu_guide_gram_is_made_once_whichever_path_it_takes(monkeypatch, offset):
+    # A layer whose mean holds most of its energy takes the centred (device) path; its raw Gram,
+    # which the host check would refuse, is not made first (a random deep net's layers: log #65).
+    from repguide.similarity.prepared import Prepared
+
+    monkeypatch.setattr(fused, "CPU_TUNED", True)
+    torch.manual_seed(0)
+    x = torch.randn(256, 300) + offset * torch.rand(300)
+
+    class Products(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm)
+            return func(*args, **(kwargs or {}))
+
+    with Products() as products:
+        gram = Prepared.gram_only(x).gram
+    assert products.count == 1
+    x64 = x.double() - x.double().mean(0)
+    want = x64 @ x64.T / (x64 @ x64.T).norm()
+    assert (gram.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
 @pytest.mark.parametrize("offset", [0.0, 50.0])  # offset inputs: the gradient's centring is implicit
 def test_the_stacked_linear_cka_equals_the_per_pair_path(offset):
     torch.manual_seed(0)

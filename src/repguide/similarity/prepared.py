@@ -174,8 +174,13 @@ def _raw_centred_gram(x: Tensor) -> Tensor | None:
     where that loses precision, decided on the host (one sync): where the rows' common mean holds
     more than 15/16 of their energy (every constant input included), the raw products could over-
     or underflow, or x is not finite. Within ~2e-6 of centring x first, relative to the largest
-    entry (benchmarks/README.md, log #8)."""
+    entry (benchmarks/README.md, log #8). Where 16 spread rows already show the mean holding more
+    than that, the raw product is not made at all (a deep layer of a randomly initialised net is often
+    such a layer, and its Gram would be made twice, log #65)."""
     finfo = torch.finfo(x.dtype)
+    n = x.shape[0]
+    if n >= 4 * SAMPLE_ROWS and _mean_energy_fraction(x[:: n // SAMPLE_ROWS][:SAMPLE_ROWS]) > 15 / 16:
+        return None
     raw = symmetric_gram(x)  # on a CPU, in row blocks for large products (log #36, #48)
     rows = raw.mean(dim=1)
     centred = raw - rows[:, None] - rows[None, :] + rows.mean()
@@ -187,6 +192,19 @@ def _raw_centred_gram(x: Tensor) -> Tensor | None:
     if not bool(safe & (16 * centred.diagonal().sum() > norms.sum())):
         return None
     return centred.div_(torch.linalg.vector_norm(centred))
+
+
+#: Rows that :func:`_raw_centred_gram` estimates the mean's share of the energy from.
+SAMPLE_ROWS = 16
+
+
+def _mean_energy_fraction(rows: Tensor) -> float:
+    """An estimate of n‖x̄‖² / Σ‖x_i‖² from k rows of x (‖x̄‖² unbiased: the rows' spread taken
+    out of their mean's energy); NaN for a non-finite or all-zero input. One host read."""
+    k = rows.shape[0]
+    energy = rows.square().sum() / k
+    mean = rows.mean(dim=0)
+    return float((k * mean.dot(mean) - energy) / ((k - 1) * energy))
 
 
 def _check_input(x: Tensor, min_n: int) -> None:
