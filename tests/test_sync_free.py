@@ -110,7 +110,7 @@ def test_a_cpu_guide_gram_is_made_once_whichever_path_it_takes(monkeypatch, offs
 
     monkeypatch.setattr(fused, "CPU_TUNED", True)
     torch.manual_seed(0)
-    x = torch.randn(256, 300) + offset * torch.rand(300)
+    x = torch.randn(256, 600) + offset * torch.rand(600)  # a product large enough to be worth the check
 
     class Products(TorchDispatchMode):
         count = 0
@@ -121,7 +121,7 @@ def test_a_cpu_guide_gram_is_made_once_whichever_path_it_takes(monkeypatch, offs
 
     with Products() as products:
         gram = Prepared.gram_only(x).gram
-    assert products.count == 1
+    assert products.count == (4 if offset < 30 else 1)  # the raw path's 4 row blocks, or the centred path's mm
     x64 = x.double() - x.double().mean(0)
     want = x64 @ x64.T / (x64 @ x64.T).norm()
     assert (gram.double() - want).abs().max() <= 2e-6 * want.abs().max()

@@ -175,11 +175,13 @@ def _raw_centred_gram(x: Tensor) -> Tensor | None:
     more than 15/16 of their energy (every constant input included), the raw products could over-
     or underflow, or x is not finite. Within ~2e-6 of centring x first, relative to the largest
     entry (benchmarks/README.md, log #8). Where 16 spread rows already show the mean holding more
-    than that, the raw product is not made at all (a deep layer of a randomly initialised net is often
-    such a layer, and its Gram would be made twice, log #65)."""
+    than that, a large raw product (≥ 2²⁵ multiply-adds; ~25 µs of small ops buy nothing below) is
+    not made at all (a deep layer of a randomly initialised net is often such a layer, and its Gram
+    would be made twice, log #65)."""
     finfo = torch.finfo(x.dtype)
-    n = x.shape[0]
-    if n >= 4 * SAMPLE_ROWS and _mean_energy_fraction(x[:: n // SAMPLE_ROWS][:SAMPLE_ROWS]) > 15 / 16:
+    n, d = x.shape
+    if n >= 4 * SAMPLE_ROWS and n * n * d >= fused.MIN_BLOCKED_MACS \
+            and _mean_energy_fraction(x[:: n // SAMPLE_ROWS][:SAMPLE_ROWS]) > 15 / 16:
         return None
     raw = symmetric_gram(x)  # on a CPU, in row blocks for large products (log #36, #48)
     rows = raw.mean(dim=1)
