@@ -141,7 +141,10 @@ def _unit_centred_grams(
     constant = abs_max(y, whole, keep) <= CONSTANT_ULPS * finfo.eps
     reduced = matmul_dtype not in (None, x.dtype)
     low = y.to(matmul_dtype) if reduced else y
-    raw = low @ low.T if low.dim() == 2 else torch.bmm(low, low.transpose(1, 2))
+    if low.dim() == 3:
+        raw = torch.bmm(low, low.transpose(1, 2))
+    else:  # on a CPU, large exact products from row blocks (fewer multiply-adds, log #66); else y yᵀ
+        raw = symmetric_gram(low) if CPU_TUNED and not reduced else low @ low.T
     if reduced:  # norm and division in x's dtype (a norm of ≥ 1 dim promotes): no op to cast back
         unit = raw / torch.linalg.vector_norm(raw, dim=whole, keepdim=True, dtype=x.dtype)
     else:
