@@ -6,12 +6,16 @@
 #   nohup sh scripts/sweeps/failure_modes.sh c6 > runs/logs/sweep_c6.log 2>&1 &
 #   nohup sh scripts/sweeps/failure_modes.sh c5 > runs/logs/sweep_c5.log 2>&1 &
 #   nohup sh scripts/sweeps/failure_modes.sh c6-long > runs/logs/sweep_c6_long.log 2>&1 &
+#   nohup sh scripts/sweeps/failure_modes.sh c6-width > runs/logs/sweep_c6_width.log 2>&1 &
 #
 # c2: the wide FCN against the ResNet-18 at equal budgets (30 epochs each) on the translated 40×40
 #     canvas and on 1,000 images (docs/exploration.md, "C2, wide FCN").
 # c6: the paper's depth (a 4-layer tanh RNN with zero initial states) against the Transformer, at
 #     1 and 3 epochs of characters and at context 256.
 # c6-long: the same two at 10 epochs (added after c6's 3-epoch rows; ~100 CPU minutes each).
+# c6-width: the width axis the issue names, at 1 epoch of context 128: the 4-layer RNN at hidden 128
+#     and 512, the Transformer at dim 64 and 256 (4 heads each; fixed before c6-long's Transformer
+#     row finished).
 # c5: the Transformer at the RNN's budget (12,000 steps) on parity, with per-length accuracy in each
 #     summary.json: the lr and the positions, for the paper's regime (short strings solved).
 # Results: runs/explore17/<name>/summary.json; tables in docs/exploration.md.
@@ -53,8 +57,16 @@ c6-long)  # added after the c6 rows above showed the gap closing with epochs (do
     run c6_rnn4_e10_s0 lm_rnn_baseline model.kwargs.num_layers=4 train.epochs=10 train.max_steps=null
     run c6_transformer_e10_s0 lm_transformer_baseline train.epochs=10 train.max_steps=null
     ;;
+c6-width)
+    for hidden in 128 512; do
+        run c6_rnn4_h${hidden}_s0 lm_rnn_baseline model.kwargs.num_layers=4 model.kwargs.hidden_dim=$hidden train.max_steps=null
+    done
+    for dim in 64 256; do
+        run c6_transformer_d${dim}_s0 lm_transformer_baseline model.kwargs.dim=$dim train.max_steps=null
+    done
+    ;;
 *)
-    echo "usage: sh scripts/sweeps/failure_modes.sh c2|c6|c5|c6-long" >&2
+    echo "usage: sh scripts/sweeps/failure_modes.sh c2|c6|c5|c6-long|c6-width" >&2
     exit 2
     ;;
 esac
