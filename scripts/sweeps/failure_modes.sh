@@ -58,10 +58,10 @@ c6-long)  # added after the c6 rows above showed the gap closing with epochs (do
     run c6_transformer_e10_s0 lm_transformer_baseline train.epochs=10 train.max_steps=null
     ;;
 c6-width)
-    for hidden in 128 512; do
+    for widths in "128 64" "512 256"; do  # RNN hidden, Transformer dim: the narrow pair first (cheaper)
+        set -- $widths
+        hidden=$1 dim=$2
         run c6_rnn4_h${hidden}_s0 lm_rnn_baseline model.kwargs.num_layers=4 model.kwargs.hidden_dim=$hidden train.max_steps=null
-    done
-    for dim in 64 256; do
         run c6_transformer_d${dim}_s0 lm_transformer_baseline model.kwargs.dim=$dim train.max_steps=null
     done
     ;;
