@@ -170,6 +170,34 @@ def test_only_rewrites_the_chosen_claims_sections_and_keeps_the_others(tmp_path,
     assert report.read_text() == second  # rewriting a section twice changes nothing
 
 
+def test_a_kept_section_whose_runs_now_give_other_numbers_says_so_until_it_is_rewritten(tmp_path, monkeypatch):
+    """A run shared by two claims, trained again for one of them (its recipe changed), would show
+    two numbers in one report: the kept section gets a note naming the row, both numbers and the
+    command that rewrites it; the note is not repeated, and goes when the section is rewritten."""
+    monkeypatch.setattr(rp, "CLAIMS", load_claims(claims_file(tmp_path, ABLATION)))
+    monkeypatch.setattr("repguide.report.plot_claim", lambda claim, stats, path: path)
+    report, runs = tmp_path / "R.md", tmp_path / "runs"
+    finished(runs, "deep_fcn_baseline", [0.10, 0.12, 0.14])
+    finished(runs, "deep_fcn_untrained_resnet18", [0.40, 0.42, 0.44])
+    rp.write_report(rp.CLAIMS, "small", 3, runs, report, 0.0)
+    assert "Out of date" not in report.read_text()
+    for seed, value in enumerate([0.50, 0.50, 0.53]):  # trained again: other numbers
+        (runs / f"deep_fcn_untrained_resnet18_s{seed}" / "summary.json").write_text(json.dumps(
+            {"status": "finished", "metric": "accuracy", "test_metric": value, "train_metric": value}))
+    for _ in range(2):
+        rp.write_report(rp.CLAIMS[1:], "small", 3, runs, report, 0.0, only=["C1-weight"])
+        text = report.read_text()
+        c1 = text[text.index("## C1:"):text.index("## C1-weight:")]
+        assert text.count("Out of date") == 1  # once, in C1's section, however often it is written
+        assert "\n\n> **Out of date:** its runs now give other numbers (`deep_fcn_untrained_resnet18` 42.00 ± 2.00 " \
+            "(n=3) → 51.00 ± 1.73 (n=3)): `repguide reproduce --scale small --seeds 3 --only C1` rewrites this " \
+            "section.\n\nPaper:" in c1
+        assert "51.00 ± 1.73 (n=3) |" in text[text.index("## C1-weight:"):]
+    rp.write_report(rp.CLAIMS, "small", 3, runs, report, 0.0, only=["C1"])
+    text = report.read_text()
+    assert "Out of date" not in text and "| untrained ResNet-18 → Deep FCN | `deep_fcn_untrained_resnet18` | — | 51.00" in text
+
+
 def test_a_kept_section_of_an_older_report_says_the_command_of_that_report(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "CLAIMS", load_claims(claims_file(tmp_path, ABLATION)))
     monkeypatch.setattr("repguide.report.plot_claim", lambda claim, stats, path: path)

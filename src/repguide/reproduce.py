@@ -318,6 +318,27 @@ def _old_sections(report: Path, exploration: list[str]) -> dict[str, list[str]]:
     return sections
 
 
+_STALE = "> **Out of date:**"
+
+
+def _stale_note(claim: Claim, section: list[str], runs_dir: Path, ledger: Ledger) -> list[str]:
+    """A note for a kept ``section`` whose rows show numbers that every one of their seeds' runs,
+    here or in the record, no longer gives (a recipe changed and its runs were trained again for
+    another claim's section); ``[]`` where none does or where the runs are not all at hand."""
+    moved = []
+    for row in claim.rows:
+        cells = next((x for x in section if x.startswith(f"| {row.label} | ")), "").strip("| ").split(" | ")
+        shown = re.fullmatch(r".*\(n=(\d+)\)", cells[-2]) if len(cells) == 5 else None
+        stat = collect(row.run, int(shown[1]), runs_dir, ledger) if shown else Stat()
+        if shown and len(stat.values) == int(shown[1]) and _fmt(stat) != shown[0]:
+            moved.append(f"`{row.run}` {shown[0]} → {_fmt(stat)}")
+    if not moved:
+        return []
+    command = re.search(r"--scale \S+ --seeds \d+", next((x for x in section if x.startswith(_GENERATED)), ""))
+    return [f"{_STALE} its runs now give other numbers ({'; '.join(moved)}): `repguide reproduce "
+            f"{command[0] if command else ''} --only {claim.id}` rewrites this section.", ""]
+
+
 def write_report(claims, scale, seeds, runs_dir, report, seconds, only: list[str] | None = None) -> Path:
     """Write ``report`` (REPRODUCTION.md) from the finished runs of ``claims`` in ``runs_dir``, its
     figures under ``docs/reproduction`` beside it; ``seconds``: how long this invocation took.
@@ -362,7 +383,13 @@ def write_report(claims, scale, seeds, runs_dir, report, seconds, only: list[str
             section = _claim_section(claim, seeds, runs_dir, figures, report.parent, ledger)
             lines += [*section[:2], _section_line(claim, scale, seeds, runs_dir, only, ledger), "", *section[2:]]
         elif only and claim.id in kept:
-            lines += kept[claim.id]
+            section = list(kept[claim.id])
+            old = [i for i, line in enumerate(section) if line.startswith(_STALE)]  # an earlier report's note
+            if old:
+                del section[old[0]:old[0] + 2]
+            at = next((i + 2 for i, line in enumerate(section) if line.startswith(_GENERATED)), 2)
+            note = _stale_note(claim, section, runs_dir, ledger)
+            lines += [*section[:at], *note, *section[at:]]
     if log:  # the hand-written log of settings tried where a claim did not show
         lines += [_EXPLORATION, "", log]
     report.write_text("\n".join(lines) + "\n")
