@@ -307,3 +307,69 @@ def test_stacked_recurrent_layers_train_with_one_target_forward_per_step():
         optimizer.step()
         assert target.calls == rnn_calls.__len__() == step + 1
     assert not torch.equal(target.model.rnn.weight_hh_l0, before)
+
+
+class _TransposedHead(nn.Module):
+    """A sequence-first LSTM as users write it: the head's output is transposed back to batch-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(VOCAB, WIDTH), nn.LSTM(WIDTH, WIDTH, 3), nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.lstm(self.embed(x).transpose(0, 1))[0]).transpose(0, 1)
+
+
+class _DictBlocks(nn.Module):
+    """Residual blocks kept in an ``nn.ModuleDict``; the forward returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, VOCAB)
+        self.blocks = nn.ModuleDict(
+            {f"b{i}": nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.LayerNorm(WIDTH)) for i in range(3)}
+        )
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks.values():
+            h = h + block(h)
+        return {"logits": self.head(h)}
+
+
+class _BareLSTM(nn.Module):
+    """A recurrent feature extractor with no head: its last layer's output is the model's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lstm = nn.Embedding(VOCAB, WIDTH), nn.LSTM(WIDTH, WIDTH, 3, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(self.embed(x))[0]
+
+
+def _bare_bert():
+    t = pytest.importorskip("transformers")
+    return t.BertModel(t.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+
+
+@pytest.mark.parametrize("factory, layers, head", [
+    # a headless model's last block is a layer (Hugging Face's last hidden state), not a task head
+    (_bare_bert, ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"], []),
+    (_BareLSTM, ["lstm.layer0", "lstm.layer1", "lstm.layer2"], []),
+    # the head is the head when the output is a view of it (a transpose back to batch-first)
+    (_TransposedHead, ["lstm.layer0", "lstm.layer1", "lstm.layer2"], ["head"]),
+    # blocks in an nn.ModuleDict are blocks too (not the leaves inside them)
+    (_DictBlocks, ["blocks.b0", "blocks.b1", "blocks.b2"], []),
+])
+def test_the_default_layers_of_models_written_outside_repguide(factory, layers, head):
+    torch.manual_seed(0)
+    model = factory()
+    infos = rg.discover(model, batch("tokens"))
+    assert [i.name for i in infos if not i.is_output] == layers
+    assert [i.name for i in infos if i.is_output] == head
+    guidance = rg.Guidance(factory(), model)
+    out = guidance(batch("tokens"))
+    assert [p.target for p in guidance.pairs] == [p.guide for p in guidance.pairs] == layers
+    assert torch.isfinite(out.loss)

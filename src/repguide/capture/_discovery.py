@@ -94,7 +94,7 @@ class LayerInfo:
     name: str
     module_type: str
     shape: tuple[int, ...]  # batch-first activation shape on the example input
-    is_output: bool  # its activation is the model's output (the task head)
+    is_output: bool  # the task head: its activation is the model's output (a block or a recurrent layer never is)
     batch_axis: int = 0  # where the batch is in the module's raw output
     channels_first: bool = False  # features on axis 1, positions after (conv maps)
 
@@ -106,7 +106,7 @@ def block_names(model: nn.Module) -> list[str]:
     def visit(prefix: str, module: nn.Module) -> None:
         children = list(module.named_children())
         kinds = Counter(type(c) for _, c in children if _has_children(c))
-        grouped = isinstance(module, (nn.ModuleList, nn.Sequential))
+        grouped = isinstance(module, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
         for name, child in children:
             full = f"{prefix}.{name}" if prefix else name
             if grouped and _has_children(child) and kinds[type(child)] > 1:
@@ -230,6 +230,7 @@ def discover(
         axis = _grown_axis(_shape(output), grown.get(name), n)
         if axis is not None:
             axes.setdefault(name, axis)
+    blocks = set(block_names(model)) if layers == "blocks" and types is None else set()
     normalise = _Normaliser(model, axes)
     normalise.batch_size = n
     infos = []
@@ -244,13 +245,24 @@ def discover(
                 raise
             continue  # no batch axis at all: not a per-example representation
         axis = 0 if isinstance(tensor, PackedSequence) else normalise.batch_axes[name]
+        head = _is_output(tensor, final) and name.split("@")[0] not in blocks and not isinstance(module, nn.RNNBase)
         infos.append(LayerInfo(
-            name, type(module).__name__, tuple(activation.shape), tensor is final, axis,
+            name, type(module).__name__, tuple(activation.shape), head, axis,
             normalise.channels_first[name],
         ))
     if not infos:
         raise LayerError(_no_layer_message(model, looked_for))
     return infos
+
+
+def _is_output(tensor: Any, final: Any) -> bool:
+    """``tensor`` is the model's output, or the output is a view of its memory (a transpose, a
+    reshape, a slice: ``head(h).transpose(0, 1)``, ``head(h)[:, -1]``)."""
+    if tensor is final:
+        return True
+    if not isinstance(tensor, Tensor) or not isinstance(final, Tensor) or not tensor.numel() or not final.numel():
+        return False
+    return tensor.device == final.device and tensor.untyped_storage().data_ptr() == final.untyped_storage().data_ptr()
 
 
 def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
