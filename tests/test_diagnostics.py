@@ -4,6 +4,7 @@ across-example variance sits."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,6 +125,29 @@ def test_layers_command_on_data_the_model_cannot_take_says_to_give_data(tmp_path
     assert main(["layers", "deep_fcn", "--data", "copy_paste", "--data-kwargs", "train_size=16", "val_size=4", "test_size=4"]) == 2
     err = capsys.readouterr().err
     assert "model 'deep_fcn' cannot run on an example of data set 'copy_paste'" in err and "--data" in err
+
+
+@pytest.mark.parametrize("model", ["gru_lm", "lstm_lm"])
+def test_layers_command_feeds_token_ids_to_a_token_model_no_recipe_uses(model, capsys):
+    from repguide.cli import main
+
+    assert main(["layers", model, "hidden_dim=16"]) == 0  # was a TypeError posing as a repguide bug
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"# {model}: blocks layers, on an example of ") and "fashion_mnist" not in out[0]
+    assert [line.split()[0] for line in out[1:]] == ["layers.0", "layers.1", "head"] and "(output head)" in out[-1]
+
+
+def test_a_token_model_on_images_is_an_error_naming_the_knob_the_data_does_not_give(capsys):
+    from repguide.build import build_model
+    from repguide.cli import main
+    from repguide.config import ModelConfig
+    from repguide.errors import ModelError
+
+    assert main(["layers", "gru_lm", "--data", "fashion_mnist"]) == 2
+    assert "model 'gru_lm' needs 'vocab_size', which this data set does not give" in capsys.readouterr().err
+    images = SimpleNamespace(num_classes=10, input_shape=(1, 28, 28), vocab_size=None)
+    with pytest.raises(ModelError, match=r"model 'lstm_lm' needs 'vocab_size', .* or set it in guidance.guide.kwargs"):
+        build_model(ModelConfig(name="lstm_lm"), images, 0, recipe_key="guidance.guide")
 
 
 def test_pairs_command_prints_each_pair_with_its_floor_and_shares(capsys):

@@ -169,6 +169,13 @@ def test_accepted_kwargs_lists_the_factory_knobs():
         models.accepted_kwargs("vitt")
 
 
+def test_required_kwargs_are_the_knobs_without_a_default_in_the_builder_or_the_name():
+    assert models.required_kwargs("gru_lm") == {"vocab_size"}
+    with models.MODELS.restore_on_exit():
+        models.register("two_knobs", lambda a, b=1, *, c: nn.Linear(a, c), c=3)
+        assert models.required_kwargs("two_knobs") == {"a"}
+
+
 def test_registering_a_taken_name_raises():
     with pytest.raises(ValueError, match="already registered"):
         models.register("deep_fcn")(models.deep_fcn)

@@ -49,6 +49,12 @@ class Entry(Generic[B]):
         params = inspect.signature(self.builder).parameters.values()
         return frozenset(p.name for p in params if p.kind in keyword)
 
+    def required_kwargs(self) -> frozenset[str]:
+        """The keyword arguments the builder needs and the name's defaults do not give."""
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = inspect.signature(self.builder).parameters.values()
+        return frozenset(p.name for p in params if p.kind in keyword and p.default is p.empty) - set(self.defaults)
+
 
 class Registry(Generic[B]):
     """Builders by name, for things of one ``kind`` ("model", "data set", ...), named in errors.

@@ -24,6 +24,9 @@ from repguide.runs import CheckpointError, RunDirError, load_weights
 __all__ = ["build_model", "first_mismatch", "load_guide", "load_model", "run_config", "weights_hash"]
 
 
+_KNOB_SOURCES = "token data give vocab_size, image data input_shape, in_channels and image_size"
+
+
 def build_model(
     spec: ModelConfig, splits: datasets.Splits, seed: int, recipe_key: str | None = "model"
 ) -> nn.Module:
@@ -49,6 +52,13 @@ def build_model(
     for key, value in defaults.items():
         if key in accepted and key not in kwargs:
             kwargs[key] = value
+    missing = sorted(models.required_kwargs(spec.name) - set(kwargs))
+    if missing:  # a knob the data fills in, from data that has none (a token model on images)
+        where = f"{recipe_key}.kwargs" if recipe_key else "the model's keyword arguments"
+        raise ModelError(
+            f"model {spec.name!r} needs {', '.join(map(repr, missing))}, which this data set does not give "
+            f"({_KNOB_SOURCES}); choose a data set that gives it or set it in {where}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -72,14 +72,19 @@ def _layers(args: argparse.Namespace) -> int:
 
 def _example_data(model: str) -> tuple[str, dict]:
     """The data set (and its tiny-scale options) of the first shipped recipe that uses ``model`` as
-    its target or guide, so a sequence model gets token ids; Fashion-MNIST for any other model."""
+    its target or guide, so a sequence model gets token ids; for a model no recipe uses, that of the
+    first recipe whose target takes token ids too if ``model`` does; Fashion-MNIST otherwise."""
     from repguide.config import list_recipes, load_recipe
+    from repguide.models import accepted_kwargs
 
-    for recipe in list_recipes():
-        config = load_recipe(recipe, "tiny")
+    configs = [load_recipe(recipe, "tiny") for recipe in list_recipes()]
+    for config in configs:
         guide = config.guidance.guide
         if model in (config.model.name, guide.name if guide else None):
             return config.data.name, dict(config.data.kwargs)
+    if "vocab_size" in accepted_kwargs(model):
+        config = next(c for c in configs if "vocab_size" in accepted_kwargs(c.model.name))
+        return config.data.name, dict(config.data.kwargs)
     return "fashion_mnist", {}
 
 

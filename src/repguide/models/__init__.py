@@ -7,7 +7,7 @@ Each model is a plain ``nn.Module`` whose conceptual layers are submodules with 
 names (``blocks.3``, ``layer2.1.conv1``, ``layers.0``), so forward hooks can find them.
 """
 
-from repguide.models._registry import MODELS, accepted_kwargs, create, list_models, register
+from repguide.models._registry import MODELS, accepted_kwargs, create, list_models, register, required_kwargs
 from repguide.models.sequence import ParityRNN, RecurrentLM, copy_rnn, gru_lm, lstm_lm, parity_rnn, rnn_lm
 from repguide.models.sequence_transformers import (
     ParityTransformer,
@@ -40,6 +40,7 @@ __all__ = [
     "TransformerLM",
     "ViT",
     "accepted_kwargs",
+    "required_kwargs",
     "copy_rnn",
     "copy_transformer",
     "create",

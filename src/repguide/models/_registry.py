@@ -48,3 +48,8 @@ def create(name: str, **kwargs) -> nn.Module:
 def accepted_kwargs(name: str) -> frozenset[str]:
     """The keyword arguments (size knobs) that the builder registered as ``name`` accepts."""
     return MODELS.get(name).accepted_kwargs()
+
+
+def required_kwargs(name: str) -> frozenset[str]:
+    """The keyword arguments the builder registered as ``name`` needs beyond the name's defaults."""
+    return MODELS.get(name).required_kwargs()
