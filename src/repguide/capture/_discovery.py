@@ -2,12 +2,13 @@
 
 Four rules (``layers=``):
 
-- ``"blocks"`` (default): the model's *blocks*, i.e. the non-leaf children of an ``nn.ModuleList`` or
-  ``nn.Sequential`` that have at least one sibling of the same class, taking the outermost such
-  groups (``transformer.h.N``, ``encoder.layer.N``, ``model.layers.N``, ``blocks.N``, the residual
-  blocks of each ResNet stage). A layer is a block's output: what Hugging Face's
+- ``"blocks"`` (default): the model's *blocks*, i.e. the non-leaf children of an ``nn.ModuleList``,
+  ``nn.Sequential`` or ``nn.ModuleDict`` that have at least one sibling of the same class, taking the
+  outermost such groups (``transformer.h.N``, ``encoder.layer.N``, ``model.layers.N``, ``blocks.N``,
+  the residual blocks of each ResNet stage). A layer is a block's output: what Hugging Face's
   ``output_hidden_states`` and timm's ``forward_intermediates`` expose, except that the last one is
-  the last block's output, before any final norm. The embedding or stem is not a layer. A model
+  the last block's output, before any final norm (a layer even where it is the model's output: a
+  block is never the task head). The embedding or stem is not a layer. A model
   with no blocks falls back to its leaf layers: linear maps (``nn.Linear``, Hugging Face's
   ``Conv1D``), convolutions, every layer of a recurrent module, attention, Transformer layers and
   normalisation layers.
@@ -73,7 +74,7 @@ OFFICIAL_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 # class name, so that transformers need not be imported.
 _LEAF_TYPES = DEFAULT_LAYER_TYPES + (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _LOOKED_FOR = {
-    "blocks": "blocks (non-leaf children of an nn.ModuleList/nn.Sequential with a sibling of the same "
+    "blocks": "blocks (non-leaf children of an nn.ModuleList/Sequential/ModuleDict with a sibling of the same "
     "class) and, there being none, leaf layers (Linear, Conv1D, convolutions, recurrent, attention, "
     "Transformer and normalisation layers)",
     "leaves": "modules of repguide.capture.DEFAULT_LAYER_TYPES (Linear, Bilinear, convolutions, "
