@@ -348,6 +348,21 @@ class _BareLSTM(nn.Module):
         return self.lstm(self.embed(x))[0]
 
 
+class _MnistExample(nn.Module):
+    """PyTorch's MNIST example (pytorch/examples, mnist/main.py) as users copy it: log-softmax output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, 1), nn.Conv2d(8, 16, 3, 1)
+        self.dropout1, self.dropout2 = nn.Dropout(0.25), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(16 * 6 * 6, 32), nn.Linear(32, CLASSES)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(self.dropout1(x), 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
 def _bare_bert():
     t = pytest.importorskip("transformers")
     return t.BertModel(t.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=3, num_attention_heads=2,
@@ -362,14 +377,17 @@ def _bare_bert():
     (_TransposedHead, ["lstm.layer0", "lstm.layer1", "lstm.layer2"], ["head"]),
     # blocks in an nn.ModuleDict are blocks too (not the leaves inside them)
     (_DictBlocks, ["blocks.b0", "blocks.b1", "blocks.b2"], []),
+    # the head is the head when the model returns its log-softmax
+    (_MnistExample, ["conv1", "conv2", "fc1"], ["fc2"]),
 ])
 def test_the_default_layers_of_models_written_outside_repguide(factory, layers, head):
     torch.manual_seed(0)
     model = factory()
-    infos = rg.discover(model, batch("tokens"))
+    x = batch("images" if factory is _MnistExample else "tokens")
+    infos = rg.discover(model, x)
     assert [i.name for i in infos if not i.is_output] == layers
     assert [i.name for i in infos if i.is_output] == head
     guidance = rg.Guidance(factory(), model)
-    out = guidance(batch("tokens"))
+    out = guidance(x)
     assert [p.target for p in guidance.pairs] == [p.guide for p in guidance.pairs] == layers
     assert torch.isfinite(out.loss)

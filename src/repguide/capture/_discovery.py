@@ -257,13 +257,21 @@ def discover(
 
 
 def _is_output(tensor: Any, final: Any) -> bool:
-    """``tensor`` is the model's output, or the output is a view of its memory (a transpose, a
-    reshape, a slice: ``head(h).transpose(0, 1)``, ``head(h)[:, -1]``)."""
+    """``tensor`` is the model's output, the output is a view of its memory (a transpose, a
+    reshape, a slice: ``head(h).transpose(0, 1)``, ``head(h)[:, -1]``), or its (log-)softmax over
+    the last axis (PyTorch's MNIST example returns ``F.log_softmax(self.fc2(x), dim=1)``)."""
     if tensor is final:
         return True
     if not isinstance(tensor, Tensor) or not isinstance(final, Tensor) or not tensor.numel() or not final.numel():
         return False
-    return tensor.device == final.device and tensor.untyped_storage().data_ptr() == final.untyped_storage().data_ptr()
+    if tensor.device != final.device:
+        return False
+    if tensor.untyped_storage().data_ptr() == final.untyped_storage().data_ptr():
+        return True
+    if tensor.shape != final.shape or not tensor.is_floating_point() or not final.is_floating_point():
+        return False
+    logits = tensor.detach().to(final.dtype)
+    return any(torch.allclose(f(logits, -1), final, rtol=1e-4, atol=1e-6) for f in (torch.log_softmax, torch.softmax))
 
 
 def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
