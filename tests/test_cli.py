@@ -189,6 +189,22 @@ def test_unknown_data_option_lists_the_options(tmp_path, capsys):
     record("data-option", "unknown data set option", "`data.kwargs.trian_size=100`", err, tmp_path)
 
 
+@needs_fmnist
+def test_a_data_option_value_the_data_set_refuses_names_its_key(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "data.kwargs.canvas=10")
+    assert err == "repguide: error: data.kwargs of 'fashion_mnist': canvas must be at least 28, got 10"
+    assert nothing_written(tmp_path)
+    record("data-value", "a data option's value the data set refuses", "`data.kwargs.canvas=10`", err, tmp_path)
+
+
+@needs_fmnist
+def test_a_token_model_on_image_data_names_the_knob_the_data_does_not_give(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "model.name=lstm_lm", "model.kwargs={}")
+    assert "model 'lstm_lm' needs 'vocab_size', which this data set does not give" in err and "model.kwargs" in err
+    assert nothing_written(tmp_path)
+    record("token-model-on-images", "a token model on image data", "`model.name=lstm_lm model.kwargs={}`", err, tmp_path)
+
+
 def test_unknown_initial_state_of_a_recurrent_model_names_the_values(tmp_path, capsys):
     args = ["run", "copy_rnn_baseline", "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
     assert main([*args, "model.kwargs.initial_state=final"]) == 2

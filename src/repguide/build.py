@@ -17,11 +17,23 @@ from torch import nn
 from repguide import data as datasets
 from repguide import models
 from repguide._registry import did_you_mean
-from repguide.config import ModelConfig, RunConfig, parse_yaml, validate
-from repguide.errors import ArgumentError, ConfigError, ModelError
+from repguide.config import DataConfig, ModelConfig, RunConfig, parse_yaml, validate
+from repguide.errors import (
+    ArgumentError, ConfigError, DataError, DatasetIntegrityError, DatasetNotFoundError, ModelError,
+)
 from repguide.runs import CheckpointError, RunDirError, load_weights
 
 __all__ = ["build_model", "first_mismatch", "load_guide", "load_model", "run_config", "weights_hash"]
+
+
+def build_data(spec: DataConfig) -> datasets.Splits:
+    """The data set of a recipe's ``data`` section; a value its factory refuses names its key."""
+    try:
+        return datasets.create(spec.name, **spec.kwargs)
+    except (DatasetNotFoundError, DatasetIntegrityError):  # the files, not the options
+        raise
+    except DataError as err:
+        raise DataError(f"data.kwargs of {spec.name!r}: {err}") from None
 
 
 _KNOB_SOURCES = "token data give vocab_size, image data input_shape, in_channels and image_size"
@@ -92,7 +104,8 @@ def load_guide(config: RunConfig, splits: datasets.Splits, runs_dir: Path) -> nn
     guide = build_model(gc.guide, splits, gc.guide_seed, recipe_key="guidance.guide")
     if gc.guide_run is not None:
         path = Path(gc.guide_run)
-        weights = path if path.suffix in (".pt", ".ckpt") else (runs_dir / gc.guide_run / "final.pt" if not path.is_dir() else path / "final.pt")
+        folder = path if path.is_dir() else runs_dir / gc.guide_run
+        weights = path if path.suffix in (".pt", ".ckpt") else folder / "final.pt"
         if not weights.is_file():
             raise CheckpointError(
                 f"trained guide {gc.guide_run!r}: no weights at {weights}; train it first "

@@ -145,7 +145,7 @@ def _eval_splits(args: argparse.Namespace):
     from pathlib import Path
 
     from repguide import data
-    from repguide.build import run_config
+    from repguide.build import build_data, run_config
     from repguide.config import parse_overrides
 
     if args.data is not None:
@@ -154,7 +154,7 @@ def _eval_splits(args: argparse.Namespace):
         path = Path(ref)
         if path.exists():
             config = run_config(path if path.is_dir() else path.parent)
-            return data.create(config.data.name, **config.data.kwargs)
+            return build_data(config.data)
     raise ArgumentError("give --data: neither model is a run folder whose data could be used")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from repguide import data as datasets
-from repguide.build import build_model, first_mismatch, load_guide, weights_hash
+from repguide.build import build_data, build_model, first_mismatch, load_guide, weights_hash
 from repguide.config import RunConfig, diff_keys, resume_essentials, upgrade
 from repguide.errors import ConfigError
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, PairDiagnostic
@@ -171,7 +171,7 @@ def _set_up(fabric, config: RunConfig, run: RunDir) -> _Training:
     """Data, target, guide, schedule, guidance and optimiser, built in the order that fixes their seeds."""
     tc, gc, oc = config.train, config.guidance, config.optim
     started = time.time()
-    splits = datasets.create(config.data.name, **config.data.kwargs)
+    splits = build_data(config.data)
     target = build_model(config.model, splits, tc.seed)
     guide = load_guide(config, splits, run.path.parent) if gc.mode != "none" else None
     guide_hash = weights_hash(guide, _hash_buffers(gc)) if guide is not None else None
@@ -232,7 +232,7 @@ def pair_diagnostics(config: RunConfig, runs_dir: str | Path = "runs") -> list[P
     data, target and guide built as training builds them, on one process."""
     if config.guidance.mode != "guide":
         raise ConfigError(f"guidance.mode={config.guidance.mode!r} has no pairs; pairs exist with guidance.mode=guide")
-    splits = datasets.create(config.data.name, **config.data.kwargs)
+    splits = build_data(config.data)
     target = build_model(config.model, splits, config.train.seed)
     guide = load_guide(config, splits, Path(runs_dir))
     schedule = Schedule.of(config, splits.train, 0, 1)
