@@ -437,6 +437,14 @@ def test_compare_command_on_fashion_mnist_images(tmp_path):
     assert result.layers_b == ["blocks.0", "blocks.1", "blocks.2"]
 
 
+@pytest.mark.parametrize("a, b", [("resnet81", "deep_fcn"), ("resnet18", "runs/no_such_run")])
+def test_compare_command_names_a_model_it_cannot_resolve_before_asking_for_data(a, b, capsys):
+    assert main(["compare", a, b]) == 2
+    err = capsys.readouterr().err
+    wrong = a if a == "resnet81" else b
+    assert f"'{wrong}' is neither a run folder, a weights file, nor a model name" in err and "--data" not in err
+
+
 def test_ordered_batches_cover_the_first_examples_in_order():
     x = torch.arange(10)
     from repguide.data import TensorExamples

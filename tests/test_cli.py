@@ -461,6 +461,13 @@ def test_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     record("lock", "run folder in use by a live run", "a second `repguide run` on the same folder", err, tmp_path)
 
 
+def test_resume_of_a_run_that_has_no_checkpoint_says_it_starts_from_step_0(tmp_path, capsys):
+    assert main(run_args(tmp_path, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'runs' / RECIPE} has no checkpoint to resume from; training from step 0" in out
+    assert RunDir(tmp_path / "runs", RECIPE).is_finished()
+
+
 def test_resume_with_an_incompatible_config_names_the_differences(tmp_path, capsys):
     folder = existing_run(tmp_path)
     before = files(folder)

@@ -157,12 +157,8 @@ def load_model(
         if not file.is_file():
             raise CheckpointError(f"{run_dir} has no final.pt: the run has not finished (or give a .ckpt)")
     else:
+        check_model_ref(ref)
         name, _, file = str(ref).partition(":")
-        if name not in models.list_models():
-            raise ArgumentError(
-                f"{str(ref)!r} is neither a run folder, a weights file, nor a model name "
-                f"({', '.join(models.list_models())}), optionally as NAME:PATH-TO-WEIGHTS"
-            )
         model = build_model(ModelConfig(name=name, kwargs=dict(kwargs or {})), splits, seed)
         if not file:
             return model
@@ -174,6 +170,16 @@ def load_model(
     except RuntimeError as err:
         raise CheckpointError(f"{file} does not fit {ref}: {str(err).splitlines()[0]}") from None
     return model
+
+
+def check_model_ref(ref: str | Path) -> None:
+    """Refuse a ``ref`` that :func:`load_model` cannot resolve, before anything is built."""
+    if Path(ref).exists() or str(ref).partition(":")[0] in models.list_models():
+        return
+    raise ArgumentError(
+        f"{str(ref)!r} is neither a run folder, a weights file, nor a model name "
+        f"({', '.join(models.list_models())}), optionally as NAME:PATH-TO-WEIGHTS"
+    )
 
 
 def run_config(run_dir: str | Path) -> RunConfig:

@@ -145,7 +145,7 @@ def _eval_splits(args: argparse.Namespace):
     from pathlib import Path
 
     from repguide import data
-    from repguide.build import build_data, run_config
+    from repguide.build import build_data, check_model_ref, run_config
     from repguide.config import parse_overrides
 
     if args.data is not None:
@@ -155,6 +155,8 @@ def _eval_splits(args: argparse.Namespace):
         if path.exists():
             config = run_config(path if path.is_dir() else path.parent)
             return build_data(config.data)
+    for ref in (args.a, args.b):
+        check_model_ref(ref)  # a misspelt model says so, not that --data is missing
     raise ArgumentError("give --data: neither model is a run folder whose data could be used")
 
 

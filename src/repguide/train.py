@@ -1,7 +1,6 @@
 """The training loop, on Lightning Fabric (devices, DDP, precision, checkpoint I/O): set-up, resume,
 the loop, checkpoints and the summary. What one step does is :mod:`repguide.steps`; the callers
-draw a finished run's plots (:func:`repguide.report.update_plots`).
-"""
+draw a finished run's plots (:func:`repguide.report.update_plots`)."""
 
 from __future__ import annotations
 
@@ -140,6 +139,8 @@ def _train(fabric, config: RunConfig, run: RunDir, resume: bool, quiet: bool) ->
     training = _set_up(fabric, config, run)
     if resume and run.has_checkpoint():
         _resume(training)
+    elif resume:  # said: a misspelt name would otherwise start a new run silently
+        fabric.print(f"{run.path} has no checkpoint to resume from; training from step 0")
     if fabric.global_rank == 0:
         training.log = MetricsLog(run.path / "metrics.csv", _columns(training.ctx.guidance),
                                   resume_step=training.step if training.step else None)
