@@ -301,6 +301,32 @@ def test_guide_mode_is_checked_and_train_refuses_the_guide_feature_cache():
         rg.Guidance(mlp(), small_cnn(), guide_mode="train", guide_cache=rg.GuideFeatureCache(16))
 
 
+@pytest.mark.parametrize("weight", [-1.0, -1, float("nan"), float("inf"), "1", True, None])
+def test_a_weight_that_is_no_finite_non_negative_number_is_refused_at_construction(weight):
+    with pytest.raises(GuidanceError, match=r"weight must be a finite number >= 0, a WeightSchedule or a step -> weight"):
+        rg.Guidance(mlp(), mlp(), weight=weight)
+
+
+def test_a_schedule_that_goes_negative_is_refused_at_the_step_it_does():
+    guidance = rg.Guidance(mlp(), mlp(), weight=lambda step: 1.0 - step)
+    x = torch.randn(8, 1, 8, 8)
+    assert [guidance(x).weight for _ in range(2)] == [1.0, 0.0]
+    with pytest.raises(GuidanceError, match=r"the weight at step 2 must be a finite number >= 0.*got -1.0"):
+        guidance(x)
+    assert rg.Guidance(mlp(), mlp(), weight=lambda step: torch.tensor(0.5))(x).weight == 0.5  # a 0-dim tensor
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (5, r"pairs must be 'stretch', 'official', a list of \(target, guide\[, weight\]\) pairs, .*; got 5"),
+    ([("1", "1", "x")], r"pair weight must be a finite number >= 0, got 'x'"),
+    ([("1", "1", float("nan"))], r"pair weight must be a finite number >= 0, got nan"),
+    ([("1", "1", -2)], r"pair weight must be a finite number >= 0, got -2"),
+])
+def test_pairs_of_the_wrong_kind_are_a_layer_error_that_says_what_pairs_can_be(pairs, message):
+    with pytest.raises(rg.errors.LayerError, match=message):
+        rg.Guidance(mlp(), mlp(), pairs=pairs)(torch.randn(8, 1, 8, 8))
+
+
 class NaNAt(nn.Module):
     """The identity, but one activation entry is NaN (or inf)."""
 

@@ -77,5 +77,5 @@ def test_malformed_pairs_and_unknown_spec_are_errors():
         resolve_pairs([("a",)])
     with pytest.raises(ValueError, match="unknown pairing"):
         resolve_pairs("diagonal", ["a"], ["b"])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="a finite number >= 0, got -1.0"):
         resolve_pairs([("a", "g", -1.0)])

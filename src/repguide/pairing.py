@@ -4,7 +4,8 @@ official code's mapping, patterns."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -126,6 +127,11 @@ def resolve_pairs(
             select_layers(spec.get("guide", "*"), guide_layers, "guide"),
         )
     else:
+        if not isinstance(spec, Iterable):
+            raise LayerError(
+                f"pairs must be 'stretch', 'official', a list of (target, guide[, weight]) pairs, or "
+                f"{{'target': patterns, 'guide': patterns}}; got {spec!r}"
+            )
         pairs = [_as_pair(item) for item in spec]
         for pair in pairs:
             for name, available, role in (
@@ -154,8 +160,9 @@ def _as_pair(item) -> Pair:
         return item
     if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(n, str) for n in item[:2]):
         pair = Pair(*item)
-        if not pair.weight >= 0:
-            raise LayerError(f"pair weight must be non-negative, got {pair.weight} in {item}")
+        number = isinstance(pair.weight, (int, float)) and not isinstance(pair.weight, bool)
+        if not number or not math.isfinite(pair.weight) or pair.weight < 0:
+            raise LayerError(f"pair weight must be a finite number >= 0, got {pair.weight!r} in {item}")
         return pair
     raise LayerError(
         f"each explicit pair must be (target_layer, guide_layer) or (target_layer, guide_layer, "

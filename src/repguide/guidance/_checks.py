@@ -3,6 +3,7 @@ shares nothing with the target, and the guide's mode at every guide forward."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 from repguide.capture import LAYER_RULES, REDUCTIONS
 from repguide.errors import GuidanceError
 
-__all__ = ["GUIDE_MODES", "PRECISIONS", "check_not_shared", "check_options", "set_guide_mode"]
+__all__ = ["GUIDE_MODES", "PRECISIONS", "check_not_shared", "check_options", "check_weight", "set_guide_mode"]
 
 GUIDE_MODES = ("eval", "train")
 PRECISIONS = ("fp32", "bf16")
@@ -20,10 +21,13 @@ PRECISIONS = ("fp32", "bf16")
 def check_options(
     target: nn.Module, guide: nn.Module, *, layers: str, reduction: str, guide_input: str | Callable,
     guide_precision: str, sketch_dim: Any, guide_cache: Any, guide_mode: str, compile: Any = False,
+    weight: Any = 1.0,
 ) -> None:
     """Raise a :class:`GuidanceError` for the first option :class:`Guidance` cannot use."""
     if target is guide:
         raise GuidanceError("target and guide must be different modules (the guide is frozen)")
+    if not callable(weight):
+        check_weight(weight, "weight")
     if layers not in LAYER_RULES:
         raise GuidanceError(f"unknown layer rule {layers!r}; choose one of {', '.join(LAYER_RULES)}")
     if reduction not in REDUCTIONS:
@@ -53,6 +57,20 @@ def check_options(
             "gives new ones at every forward (dropout); use guide_mode='eval' or no cache"
         )
     check_not_shared(target, guide)
+
+
+def check_weight(value: Any, where: str) -> float:
+    """``value`` as the alignment weight: a finite number >= 0 (a negative one would push the
+    target's representations away from the guide's)."""
+    try:
+        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise GuidanceError(
+            f"{where} must be a finite number >= 0, a WeightSchedule or a step -> weight callable; got {value!r}"
+        )
+    return number
 
 
 def check_not_shared(target: nn.Module, guide: nn.Module) -> None:

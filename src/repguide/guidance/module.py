@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from repguide.capture import Capture, discover, first_tensor, input_batch_size, reduce
 from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
-from repguide.guidance._checks import check_options, set_guide_mode
+from repguide.guidance._checks import check_options, check_weight, set_guide_mode
 from repguide.guidance._compute import similarities_and_loss, sketch_seed
 from repguide.guidance._guide_stream import GuideStream
 from repguide.guidance.diagnostics import Diagnosable
@@ -136,7 +136,7 @@ class Guidance(Diagnosable, nn.Module):
         check_options(
             target, guide, layers=layers, reduction=reduction, guide_input=guide_input,
             guide_precision=guide_precision, sketch_dim=sketch_dim, guide_cache=guide_cache, guide_mode=guide_mode,
-            compile=compile,
+            compile=compile, weight=weight,
         )
         self.target = target
         self.guide_mode = guide_mode
@@ -270,7 +270,7 @@ class Guidance(Diagnosable, nn.Module):
                 f"this Guidance has guide_cache={'set' if self.guide_cache is not None else 'None'}"
             )
         step = self._host_step.read(self.step)
-        weight = float(self.weight(step))
+        weight = check_weight(self.weight(step), f"the weight at step {step}")
         if self.training and torch.is_grad_enabled():
             self._host_step.advance(self.step)
         if weight == 0:
