@@ -202,7 +202,8 @@ def test_a_token_model_on_image_data_names_the_knob_the_data_does_not_give(tmp_p
     err = cli_error(tmp_path, capsys, "model.name=lstm_lm", "model.kwargs={}")
     assert "model 'lstm_lm' needs 'vocab_size', which this data set does not give" in err and "model.kwargs" in err
     assert nothing_written(tmp_path)
-    record("token-model-on-images", "a token model on image data", "`model.name=lstm_lm model.kwargs={}`", err, tmp_path)
+    given = "`model.name=lstm_lm model.kwargs={}`"
+    record("token-model-on-images", "a token model on image data", given, err, tmp_path)
 
 
 def test_unknown_initial_state_of_a_recurrent_model_names_the_values(tmp_path, capsys):
