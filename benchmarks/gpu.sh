@@ -5,7 +5,7 @@
 #   BENCH_DEVICE=cuda bash benchmarks/gpu.sh      # from anywhere; runs in the repository root
 #
 # Each stage has its own time limit (STEP_LIMIT_S=90, KERNELS_LIMIT_S=45, OPS_LIMIT_S=90,
-# COMPILE_LIMIT_S=150, seconds), so one slow
+# COMPILE_LIMIT_S=150, seconds; 0 skips the stage), so one slow
 # stage cannot eat the others' time; both benchmarks save their results after every workload or
 # cell on CUDA, so a stage stopped by its limit still leaves what it finished. If $OUT is set,
 # the results (benchmarks/results/*-cuda-*.json), RESULTS.md and the stages' logs are copied there.
@@ -38,6 +38,10 @@ status=0
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log, remember a failure
     local name=$1 limit=$2 start rc
     shift 2
+    if [ "$limit" = 0 ]; then  # a limit of 0 skips the stage (timeout 0 would mean no limit)
+        echo "=== $name: skipped (limit 0)"
+        return
+    fi
     start=$(date +%s)
     echo "=== $name (limit ${limit} s): $*"
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
