@@ -5,6 +5,8 @@ Linear CKA (the default measure) in the Gram form goes through
 shape (and the positions of a ``reduction="tokens"`` pair, without a loop over them) are stacked
 and compared in one autograd node that also returns their weighted loss: ~18 aten ops forward
 and 5 backward for the whole stack, one ``bmm`` each way (benchmarks/README.md, log #46, #51).
+Stacks of plain (n, d) layers that share n but not d (a CNN's stages) go through one node together,
+:func:`repguide.similarity.fused_group.linear_cka_group_loss` (log #68).
 Every other measure, form or guide preparation runs the measure's own ``prepare_target`` and
 ``compare``, each target layer prepared once. No path reads a value on the host (the guide's
 Grams, made before this, read one per layer on a CPU only: :meth:`Prepared.gram_only`).
@@ -25,6 +27,7 @@ from repguide.capture import reduce
 from repguide.errors import GuidanceError
 from repguide.similarity import Prepared, sketch
 from repguide.similarity.fused import linear_cka_loss, unit_gram
+from repguide.similarity.fused_group import linear_cka_group_loss
 from repguide.similarity.sketching import stacked_signs
 from repguide.similarity.kernel_alignment import LinearCKA, use_gram_form
 
@@ -59,9 +62,48 @@ def similarities_and_loss(guidance, t_acts: dict[str, Tensor], guide: dict[str, 
         out[pair.key] = s
         term = pair.weight * (1 - s)
         loss = term if loss is None else loss + term
-    for items in groups.values():
-        loss = _fused_group(items, out, loss, _stack_function(guidance, items[0][1].device))
+    for items in _by_width(groups, guidance.compile_similarity):
+        if isinstance(items, _Widths):
+            loss = _fused_widths(items, out, loss)
+        else:
+            loss = _fused_group(items, out, loss, _stack_function(guidance, items[0][1].device))
     return {p.key: out[p.key] for p in guidance._pairs}, loss
+
+
+class _Widths(list):
+    """Stacks of 2-D target layers of one batch, dtype and device whose widths differ: one node
+    for all of them (:func:`repguide.similarity.fused_group.linear_cka_group_loss`)."""
+
+
+def _by_width(groups: dict[tuple, list], compiled: bool) -> list:
+    """The stacks of ``groups``, those of plain (n, d) layers that share n, dtype and device but
+    not d gathered into one :class:`_Widths` (not with ``compile``, which compiles the stack)."""
+    merged: dict[tuple, _Widths] = {}
+    out: list = []
+    for (n, d, dtype, device), items in groups.items():
+        if compiled or not all(type(x) is Tensor and x.dim() == 2 for _, x, _ in items):
+            out.append(items)
+            continue
+        widths = merged.get((n, dtype, device))
+        if widths is None:
+            widths = merged[(n, dtype, device)] = _Widths()
+            out.append(widths)
+        widths.append(items)
+    return [w[0] if isinstance(w, _Widths) and len(w) == 1 else w for w in out]
+
+
+def _fused_widths(stacks: _Widths, out: dict, loss: Tensor | None) -> Tensor:
+    """Stacks of target layers that differ in width against their guides' unit Grams, one node."""
+    items = [item for stack in stacks for item in stack]
+    x = items[0][1]
+    per_row = tuple(pair.weight for pair, _, _ in items)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        units = _stacked([u for _, _, us in items for u in us])
+        term, sims = linear_cka_group_loss([[x for _, x, _ in stack] for stack in stacks], units,
+                                           *_row_weights(per_row, x.dtype, x.device), sum(per_row))
+    for (pair, _, _), s in zip(items, sims.unbind()):
+        out[pair.key] = s
+    return term if loss is None else loss + term
 
 
 def sketch_seed(seed: int, role: str, layer: str) -> int:

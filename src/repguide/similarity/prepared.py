@@ -125,8 +125,20 @@ class Prepared:
                 unit, constant = unit_centred_gram(x, None if exact else matmul_dtype)
             return cls._of_unit_gram(unit, constant, x.shape[1])
 
+    @property
+    def constant(self) -> Tensor:
+        """0-dim bool: whether the input is constant (its Gram then zeros)."""
+        c = self._constant
+        if isinstance(c, tuple):  # (flags of a stack, index): indexed when read, not every step
+            c = self._constant = c[0][c[1]]
+        return c
+
+    @constant.setter
+    def constant(self, value: Tensor | tuple[Tensor, int]) -> None:
+        self._constant = value
+
     @classmethod
-    def _of_unit_gram(cls, unit: Tensor, constant: Tensor, d: int) -> "Prepared":
+    def _of_unit_gram(cls, unit: Tensor, constant: Tensor | tuple[Tensor, int], d: int) -> "Prepared":
         """A gram-only input of ``d`` features whose centred Gram, divided by its norm, is ``unit``."""
         p = cls.__new__(cls)
         p.n, p.d = unit.shape[0], d
@@ -154,7 +166,7 @@ def gram_only_stack(x: Tensor, min_n: int = 2, matmul_dtype: torch.dtype | None 
     with torch.no_grad():
         x = (x.detach() if x.requires_grad else x).to(_compute_dtype(x))
         units, constant = unit_centred_grams(x, matmul_dtype)
-    return [Prepared._of_unit_gram(u, c, x.shape[2]) for u, c in zip(units.unbind(0), constant.unbind(0))]
+    return [Prepared._of_unit_gram(u, (constant, i), x.shape[2]) for i, u in enumerate(units.unbind(0))]
 
 
 def gram_only_group(xs: list[Tensor], min_n: int = 2, matmul_dtype: torch.dtype | None = None) -> list[Prepared]:
@@ -166,7 +178,7 @@ def gram_only_group(xs: list[Tensor], min_n: int = 2, matmul_dtype: torch.dtype 
     with torch.no_grad():
         xs = [(x.detach() if x.requires_grad else x).to(_compute_dtype(x)) for x in xs]
         units, constant = unit_centred_gram_list(xs, matmul_dtype)
-    return [Prepared._of_unit_gram(u, c, x.shape[1]) for u, c, x in zip(units.unbind(0), constant.unbind(0), xs)]
+    return [Prepared._of_unit_gram(u, (constant, i), x.shape[1]) for i, (u, x) in enumerate(zip(units.unbind(0), xs))]
 
 
 def _raw_centred_gram(x: Tensor) -> Tensor | None:
