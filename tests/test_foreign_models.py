@@ -363,6 +363,29 @@ class _MnistExample(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+class _TemperatureHead(nn.Module):
+    """A classifier whose logits are divided by a temperature (calibration), as users write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3 * 16 * 16, 32), nn.Linear(32, CLASSES)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1)))) / self.temperature
+
+
+class _MultiLabel(nn.Module):
+    """A multi-label classifier: a sigmoid per class on the head's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(F.relu(self.conv(x)).mean((2, 3))))
+
+
 def _bare_bert():
     t = pytest.importorskip("transformers")
     return t.BertModel(t.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=3, num_attention_heads=2,
@@ -379,11 +402,14 @@ def _bare_bert():
     (_DictBlocks, ["blocks.b0", "blocks.b1", "blocks.b2"], []),
     # the head is the head when the model returns its log-softmax
     (_MnistExample, ["conv1", "conv2", "fc1"], ["fc2"]),
+    # ... or its logits divided by a temperature, or a sigmoid of them
+    (_TemperatureHead, ["fc1"], ["fc2"]),
+    (_MultiLabel, ["conv"], ["fc"]),
 ])
 def test_the_default_layers_of_models_written_outside_repguide(factory, layers, head):
     torch.manual_seed(0)
     model = factory()
-    x = batch("images" if factory is _MnistExample else "tokens")
+    x = batch("images" if factory in (_MnistExample, _TemperatureHead, _MultiLabel) else "tokens")
     infos = rg.discover(model, x)
     assert [i.name for i in infos if not i.is_output] == layers
     assert [i.name for i in infos if i.is_output] == head

@@ -258,8 +258,10 @@ def discover(
 
 def _is_output(tensor: Any, final: Any) -> bool:
     """``tensor`` is the model's output, the output is a view of its memory (a transpose, a
-    reshape, a slice: ``head(h).transpose(0, 1)``, ``head(h)[:, -1]``), or its (log-)softmax over
-    the last axis (PyTorch's MNIST example returns ``F.log_softmax(self.fc2(x), dim=1)``)."""
+    reshape, a slice: ``head(h).transpose(0, 1)``, ``head(h)[:, -1]``), its (log-)softmax over
+    the last axis (PyTorch's MNIST example returns ``F.log_softmax(self.fc2(x), dim=1)``) or its
+    sigmoid (a multi-label head), or ``a · tensor + b`` for scalars a ≠ 0 and b (logits divided
+    by a temperature, CLIP's ``logit_scale.exp() * logits``)."""
     if tensor is final:
         return True
     if not isinstance(tensor, Tensor) or not isinstance(final, Tensor) or not tensor.numel() or not final.numel():
@@ -270,8 +272,24 @@ def _is_output(tensor: Any, final: Any) -> bool:
         return True
     if tensor.shape != final.shape or not tensor.is_floating_point() or not final.is_floating_point():
         return False
-    logits = tensor.detach().to(final.dtype)
-    return any(torch.allclose(f(logits, -1), final, rtol=1e-4, atol=1e-6) for f in (torch.log_softmax, torch.softmax))
+    logits, final = tensor.detach().to(final.dtype), final.detach()
+    if any(torch.allclose(f(logits, -1), final, rtol=1e-4, atol=1e-6) for f in (torch.log_softmax, torch.softmax)):
+        return True
+    return torch.allclose(torch.sigmoid(logits), final, rtol=1e-4, atol=1e-6) or _scalar_affine(logits, final)
+
+
+def _scalar_affine(x: Tensor, y: Tensor) -> bool:
+    """Whether ``y = a · x + b`` for scalars a ≠ 0, b (least squares, float64; the residual within
+    1e-5 of y's spread)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    if x.numel() < 2:
+        return False
+    xc, yc = x - x.mean(), y - y.mean()
+    xx, yy = float(xc @ xc), float(yc @ yc)
+    if xx == 0 or yy == 0:
+        return False
+    a = float(xc @ yc) / xx
+    return float((yc - a * xc).norm()) <= 1e-5 * yy ** 0.5
 
 
 def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
