@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -231,6 +233,7 @@ class Capture:
         role: str = "model",
     ):
         self.model = model
+        self.role = role
         self.names = list(dict.fromkeys(names))
         self.normalise = _Normaliser(model, batch_axes)
         self._refs = [_LayerRef(model, name, role) for name in self.names]
@@ -244,6 +247,13 @@ class Capture:
         self._active = False
         self._calls: dict[nn.Module, int] = {}
         self._acts: dict[str, Tensor] = {}
+        # Layers whose output a later op of the forward changes in place (``nn.ReLU(inplace=True)``
+        # after a convolution, ``out += identity`` after a norm): each is copied as it is recorded,
+        # so that it stays the layer's own output. Not known before a forward has run: every layer
+        # is copied until a forward has shown whether its output is changed after it ran.
+        self._copied: set[str] = set(self.names)
+        self._unverified: set[str] = set(self.names)
+        self._watched: dict[str, tuple[Any, int]] = {}  # name → (output or a weak reference, version)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._active:
@@ -252,13 +262,44 @@ class Capture:
         self._calls[module] = call + 1
         name = self._wanted[module].get((call, None))
         if name is not None:
-            self._acts[name] = self.normalise(name, module, output)
+            self._keep(name, module, output)
 
     def _on_layer(self, module: nn.Module, layer: int, output: Any) -> None:
         """One layer of a stacked recurrent module has run (before the module's own hook)."""
         name = self._wanted[module].get((self._calls.get(module, 0), layer))
         if name is not None:
-            self._acts[name] = self.normalise(name, module, output)
+            self._keep(name, module, output)
+
+    def _keep(self, name: str, module: nn.Module, output: Any) -> None:
+        tensor = self.normalise(name, module, output)
+        raw = first_tensor(output)
+        if isinstance(raw, Tensor) and not raw.is_inference():  # (an unpacked PackedSequence is a copy)
+            # Verifying holds the output until the forward ends; later forwards watch it without
+            # keeping it alive (an output freed before the end can no longer change what is kept).
+            ref = raw if name in self._unverified else weakref.ref(raw)
+            self._watched[name] = (ref, raw._version)
+        self._acts[name] = tensor.clone() if name in self._copied else tensor
+
+    def _check_overwritten(self) -> None:
+        """After a forward: which recorded outputs a later op changed in place. A layer being
+        verified keeps being copied only if its output changed; one no longer copied whose output
+        changed (a forward that changes it only sometimes) is copied from now on, with a warning,
+        since this forward compared the changed values."""
+        for name, (ref, version) in self._watched.items():
+            raw = ref if name in self._unverified else ref()
+            changed = raw is not None and raw._version != version
+            if name in self._unverified:
+                self._unverified.discard(name)
+                if not changed:
+                    self._copied.discard(name)
+            elif changed and name not in self._copied:
+                self._copied.add(name)
+                warnings.warn(
+                    f"layer {name!r} of the {self.role}: an op after it changed its output in place "
+                    "(e.g. nn.ReLU(inplace=True), `x += y`), which earlier forwards did not; this "
+                    "forward compared the changed values. From the next forward on the layer is "
+                    "copied as it runs.", RuntimeWarning, stacklevel=4,
+                )
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -268,17 +309,19 @@ class Capture:
     @contextlib.contextmanager
     def record(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
         """Record this forward pass: yields the dict that fills with ``name → (n, ...)``."""
-        self._acts, self._calls = {}, {}
+        self._acts, self._calls, self._watched = {}, {}, {}
         self.normalise.batch_size = batch_size
         self._active = True
         try:
             with layer_by_layer({m: functools.partial(self._on_layer, m) for m in self._stacked}):
                 yield self._acts
+            self._active = False
+            self._check_overwritten()
         finally:
             # The caller keeps the yielded dict; the capture keeps no activation past the pass
             # (a graph-holding tensor on the module would break deepcopy, pickling and EMA copies).
             self._active = False
-            self._acts, self._calls = {}, {}
+            self._acts, self._calls, self._watched = {}, {}, {}
 
     def check_complete(self, acts: Mapping[str, Tensor], role: str = "model") -> None:
         missing = [name for name in self.names if name not in acts]
