@@ -381,3 +381,13 @@ def test_the_target_can_be_copied_pickled_and_averaged_after_a_guided_step():
     ema = torch.optim.swa_utils.AveragedModel(target)
     ema.update_parameters(target)
     assert all(not c._acts for c in guidance._captures.values())
+
+
+@pytest.mark.parametrize("measure, n", [("cka", 1), ("cka_unbiased", 3)])
+def test_a_batch_too_small_for_the_measure_is_an_error_that_names_drop_last(measure, n):
+    torch.manual_seed(0)
+    guidance = rg.Guidance(mlp(), mlp(), measure=measure)
+    guidance(torch.randn(8, 1, 8, 8))  # a full batch first, as in a loader
+    with pytest.raises(GuidanceError, match=rf"a batch of {n} example\(s\).*at least \d.*drop_last=True"):
+        guidance(torch.randn(n, 1, 8, 8))
+    assert float(guidance(torch.randn(8, 1, 8, 8)).loss) >= 0  # and the next full batch runs

@@ -279,6 +279,12 @@ class Guidance(Diagnosable, nn.Module):
         if not self._probed:
             self._resolve(args, kwargs)
         n = input_batch_size(args, kwargs, self.input_batch_axis)
+        if n < self.measure.min_n and self.all_gather is None:  # (gathered, the batches add up)
+            raise GuidanceError(
+                f"a batch of {n} example(s): {self.measure!r} compares examples with each "
+                f"other and needs at least {self.measure.min_n} per batch. A DataLoader's last batch "
+                "can be that small: pass drop_last=True, or skip such batches"
+            )
         # The guide goes first and is reduced at once to what the measure needs (for linear CKA
         # one n×n Gram per layer), so its activations are freed before the target's graph exists.
         guide = self._prepare_guide(args, kwargs, step, n, guide_index)
