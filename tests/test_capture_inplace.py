@@ -223,3 +223,35 @@ def test_recording_under_inference_mode_works():
             with capture.record(len(X)) as acts:
                 model(X)
             assert acts["layers.0"].shape == (len(X), 32)
+
+
+def test_discovery_says_which_outputs_a_later_op_overwrites():
+    infos = {i.name: i.overwritten for i in rg.capture.discover(SmallResNet(), X, layers="all")}
+    assert infos["blocks.0.bn1"] and infos["blocks.0.bn2"] and infos["blocks.1.bn2"]  # ReLU_, `+=`
+    assert not infos["blocks.0.conv1"] and not infos["stem"] and not infos["fc"]
+    assert not any(i.overwritten for i in rg.capture.discover(out_of_place(SmallResNet()), X, layers="all"))
+
+
+def test_guidance_s_first_step_copies_only_what_discovery_saw_overwritten():
+    # The probe at set-up already ran the forward: the first step holds no more than later ones.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Clones(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Clones.count += func is torch.ops.aten.clone.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    counts = {}
+    for inplace in (False, True):
+        guidance = rg.Guidance(MLP(inplace=inplace), MLP(inplace=False, width=16), layers="leaves", example_input=X)
+        counts[inplace] = []
+        for _ in range(2):
+            Clones.count = 0
+            with Clones():
+                guidance(X)
+            counts[inplace].append(Clones.count)
+    pairs = len(guidance.pairs)  # every paired Linear output is ReLU'd in place
+    assert counts[True] == [counts[False][0] + pairs] * 2 and counts[False][0] == counts[False][1]

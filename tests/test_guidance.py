@@ -388,6 +388,6 @@ def test_a_batch_too_small_for_the_measure_is_an_error_that_names_drop_last(meas
     torch.manual_seed(0)
     guidance = rg.Guidance(mlp(), mlp(), measure=measure)
     guidance(torch.randn(8, 1, 8, 8))  # a full batch first, as in a loader
-    with pytest.raises(GuidanceError, match=rf"a batch of {n} example\(s\).*at least \d.*drop_last=True"):
+    with pytest.raises(GuidanceError, match=rf"needs at least \d examples per batch.*got a batch of {n}\..*drop_last=True"):
         guidance(torch.randn(n, 1, 8, 8))
     assert float(guidance(torch.randn(8, 1, 8, 8)).loss) >= 0  # and the next full batch runs

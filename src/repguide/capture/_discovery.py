@@ -98,6 +98,7 @@ class LayerInfo:
     is_output: bool  # the task head: its activation is the model's output (a block or a recurrent layer never is)
     batch_axis: int = 0  # where the batch is in the module's raw output
     channels_first: bool = False  # features on axis 1, positions after (conv maps)
+    overwritten: bool = False  # a later op of the forward changed the output in place (an in-place ReLU)
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -217,7 +218,7 @@ def discover(
     """
     n = input_batch_size(example_args, example_kwargs, input_batch_axis)
     chosen, stacked, looked_for = _candidates(model, layers, types)
-    order, final = _probe(model, chosen, stacked, example_args, example_kwargs)
+    order, final, overwritten = _probe(model, chosen, stacked, example_args, example_kwargs)
     if layers == "official" and types is None:
         order = order[:-1]  # the official code dropped the last recorded layer
     grown_args, grown_kwargs = _grow(example_args, example_kwargs, n, input_batch_axis)
@@ -249,7 +250,7 @@ def discover(
         head = _is_output(tensor, final) and name.split("@")[0] not in blocks and not isinstance(module, nn.RNNBase)
         infos.append(LayerInfo(
             name, type(module).__name__, tuple(activation.shape), head, axis,
-            normalise.channels_first[name],
+            normalise.channels_first[name], name in overwritten,
         ))
     if not infos:
         raise LayerError(_no_layer_message(model, looked_for))
@@ -292,15 +293,23 @@ def _scalar_affine(x: Tensor, y: Tensor) -> bool:
     return float((yc - a * xc).norm()) <= 1e-5 * yy ** 0.5
 
 
-def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
-    """One forward: ``[(name, module, raw output)]`` in execution order, and the model's output."""
+def _probe(
+    model: nn.Module, chosen: Named, stacked: Named, args, kwargs,
+) -> tuple[list[tuple[str, nn.Module, Any]], Any, set[str]]:
+    """One forward: ``[(name, module, raw output)]`` in execution order, the model's output, and
+    the layers whose output a later op changed in place."""
     order: list[tuple[str, nn.Module, Any]] = []
     calls: Counter[str] = Counter()
+    versions: dict[str, int] = {}
 
     def record(name: str, module: nn.Module, output: Any) -> None:
         k = calls[name]
         calls[name] += 1
-        order.append((name if k == 0 else f"{name}@{k}", module, output))
+        label = name if k == 0 else f"{name}@{k}"
+        order.append((label, module, output))
+        tensor = first_tensor(output)
+        if isinstance(tensor, Tensor) and not tensor.is_inference():
+            versions[label] = tensor._version
 
     handles = [m.register_forward_hook(lambda m, a, o, name=name: record(name, m, o)) for name, m in chosen]
     by_layer = {m: lambda layer, o, name=name, m=m: record(layer_name(name, layer), m, o) for name, m in stacked}
@@ -310,7 +319,9 @@ def _probe(model: nn.Module, chosen: Named, stacked: Named, args, kwargs) -> tup
     finally:
         for handle in handles:
             handle.remove()
-    return order, first_tensor(output)
+    overwritten = {label for label, _, out in order
+                   if label in versions and first_tensor(out)._version != versions[label]}
+    return order, first_tensor(output), overwritten
 
 
 def _grow(args: Sequence[Any], kwargs: Mapping[str, Any], n: int, axis: int) -> tuple[tuple, dict]:

@@ -231,6 +231,7 @@ class Capture:
         names: Sequence[str],
         batch_axes: Mapping[str, int] | None = None,
         role: str = "model",
+        overwritten: Mapping[str, bool] | None = None,
     ):
         self.model = model
         self.role = role
@@ -249,10 +250,12 @@ class Capture:
         self._acts: dict[str, Tensor] = {}
         # Layers whose output a later op of the forward changes in place (``nn.ReLU(inplace=True)``
         # after a convolution, ``out += identity`` after a norm): each is copied as it is recorded,
-        # so that it stays the layer's own output. Not known before a forward has run: every layer
-        # is copied until a forward has shown whether its output is changed after it ran.
-        self._copied: set[str] = set(self.names)
-        self._unverified: set[str] = set(self.names)
+        # so that it stays the layer's own output. ``overwritten`` gives what a probing forward saw
+        # (repguide.capture.discover); every other layer is copied until a forward has shown
+        # whether its output is changed after it ran.
+        known = dict(overwritten or {})
+        self._unverified: set[str] = {name for name in self.names if name not in known}
+        self._copied: set[str] = self._unverified | {name for name in self.names if known.get(name)}
         self._watched: dict[str, tuple[Any, int]] = {}  # name → (output or a weak reference, version)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:

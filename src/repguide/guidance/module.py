@@ -163,6 +163,7 @@ class Guidance(Diagnosable, nn.Module):
         self._guide_stream: GuideStream | None = None  # while the guide runs
         self._guide_float64 = False
         self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
+        self._overwritten: dict[str, dict[str, bool]] = {"target": {}, "guide": {}}  # seen by discovery
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
         self._probed = False
@@ -206,6 +207,7 @@ class Guidance(Diagnosable, nn.Module):
                 )
             for info in infos:
                 self._batch_axes[role].setdefault(info.name, info.batch_axis)
+                self._overwritten[role][info.name] = info.overwritten
                 if role == "target" and (self.reduction != "tokens" or len(info.shape) > 2):
                     # The width each target layer reaches the measure with, known before the first
                     # step, so that step chooses the guide's form as every later one does (a
@@ -225,7 +227,8 @@ class Guidance(Diagnosable, nn.Module):
             handle.remove()
         self._pairs = pairs
         self._captures = {
-            role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role], role)
+            role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role], role,
+                          self._overwritten[role])
             for role, model in (("target", self.target), ("guide", self.guide))
         }
         # Registered after the capture's hooks, so they see each activation right after it is kept.
@@ -281,9 +284,9 @@ class Guidance(Diagnosable, nn.Module):
         n = input_batch_size(args, kwargs, self.input_batch_axis)
         if n < self.measure.min_n and self.all_gather is None:  # (gathered, the batches add up)
             raise GuidanceError(
-                f"a batch of {n} example(s): {self.measure!r} compares examples with each "
-                f"other and needs at least {self.measure.min_n} per batch. A DataLoader's last batch "
-                "can be that small: pass drop_last=True, or skip such batches"
+                f"{self.measure!r} needs at least {self.measure.min_n} examples per batch (it compares "
+                f"examples with each other); got a batch of {n}. A DataLoader's last batch can be "
+                "that small: pass drop_last=True, or skip such batches"
             )
         # The guide goes first and is reduced at once to what the measure needs (for linear CKA
         # one n×n Gram per layer), so its activations are freed before the target's graph exists.
