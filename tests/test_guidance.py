@@ -391,3 +391,49 @@ def test_a_batch_too_small_for_the_measure_is_an_error_that_names_drop_last(meas
     with pytest.raises(GuidanceError, match=rf"needs at least \d examples per batch.*got a batch of {n}\..*drop_last=True"):
         guidance(torch.randn(n, 1, 8, 8))
     assert float(guidance(torch.randn(8, 1, 8, 8)).loss) >= 0  # and the next full batch runs
+
+
+class Checkpointed(nn.Module):
+    """Blocks from ``first`` on run through torch.utils.checkpoint, as memory-bound loops do."""
+
+    def __init__(self, reentrant=None, first=0):
+        super().__init__()
+        self.reentrant, self.first = reentrant, first
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(64 if i == 0 else 32, 32), nn.Tanh()) for i in range(3)])
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i, block in enumerate(self.blocks):
+            if self.reentrant is None or i < self.first:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def test_checkpointed_blocks_train_as_plain_ones_or_warn_that_they_cannot():
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    plain, guide, x = Checkpointed(), mlp(), torch.randn(8, 1, 8, 8)
+
+    def step(reentrant, first):
+        model = copy.deepcopy(plain)
+        model.reentrant, model.first = reentrant, first
+        out = rg.Guidance(model, guide)(x)
+        (F.cross_entropy(out.output, torch.arange(8) % 3) + out.loss).backward()
+        return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+
+    want = step(None, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for reentrant, first in ((False, 0), (True, 1)):  # inputs that require grad: as plain blocks
+            assert torch.allclose(step(reentrant, first), want, atol=1e-6), (reentrant, first)
+    # The reentrant variant on inputs that do not require grad runs every block under no_grad
+    # (torch warns that gradients will be None): no pair can train its block, and each says so.
+    with pytest.warns(RuntimeWarning, match=r"'blocks.0' of the target.*no gradient.*use_reentrant=False") as seen:
+        step(True, 0)
+    warned = [str(w.message) for w in seen if "carries no gradient" in str(w.message)]
+    assert len(warned) == 3 and "'blocks.2'" in warned[2]  # once for each layer

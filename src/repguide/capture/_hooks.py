@@ -257,6 +257,7 @@ class Capture:
         self._unverified: set[str] = {name for name in self.names if name not in known}
         self._copied: set[str] = self._unverified | {name for name in self.names if known.get(name)}
         self._watched: dict[str, tuple[Any, int]] = {}  # name → (output or a weak reference, version)
+        self._inert: set[str] = set()  # layers warned of for carrying no gradient
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._active:
@@ -326,7 +327,17 @@ class Capture:
             self._active = False
             self._acts, self._calls, self._watched = {}, {}, {}
 
-    def check_complete(self, acts: Mapping[str, Tensor], role: str = "model") -> None:
+    def check_complete(self, acts: Mapping[str, Tensor], role: str = "model", trains: bool = False) -> None:
+        """Raise if a layer did not run; where the forward ``trains`` (the recorded layers are to
+        carry a gradient), warn once for each layer whose output carries none."""
+        for name in [name for name, t in acts.items() if trains and not t.requires_grad and name not in self._inert]:
+            self._inert.add(name)
+            warnings.warn(
+                f"layer {name!r} of the {role}: its recorded output carries no gradient (it ran under "
+                "no_grad, e.g. inside torch.utils.checkpoint with use_reentrant=True, or in a frozen "
+                "part of the model), so its pairs' alignment cannot train the model through it. With "
+                "checkpointing, use use_reentrant=False.", RuntimeWarning, stacklevel=5,
+            )
         missing = [name for name in self.names if name not in acts]
         if missing:
             raise CaptureError(

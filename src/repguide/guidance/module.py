@@ -294,7 +294,7 @@ class Guidance(Diagnosable, nn.Module):
         target_capture = self._captures["target"]
         with target_capture.record(n) as t_acts:
             output = self._run_target(*args, **kwargs)
-        target_capture.check_complete(t_acts, "target")
+        target_capture.check_complete(t_acts, "target", trains=self.training and torch.is_grad_enabled())
         similarities, loss = self._similarities(t_acts, guide)
         return GuidanceOutput(output, loss if weight == 1 else weight * loss, similarities, weight)
 
