@@ -298,12 +298,9 @@ class Capture:
                     self._copied.discard(name)
             elif changed and name not in self._copied:
                 self._copied.add(name)
-                warnings.warn(
-                    f"layer {name!r} of the {self.role}: an op after it changed its output in place "
-                    "(e.g. nn.ReLU(inplace=True), `x += y`), which earlier forwards did not; this "
-                    "forward compared the changed values. From the next forward on the layer is "
-                    "copied as it runs.", RuntimeWarning, stacklevel=4,
-                )
+                _warn(name, self.role, "an op after it changed its output in place (e.g. "
+                      "nn.ReLU(inplace=True), `x += y`), which earlier forwards did not; this forward "
+                      "compared the changed values. From the next forward on the layer is copied as it runs.", 4)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -332,12 +329,10 @@ class Capture:
         carry a gradient), warn once for each layer whose output carries none."""
         for name in [name for name, t in acts.items() if trains and not t.requires_grad and name not in self._inert]:
             self._inert.add(name)
-            warnings.warn(
-                f"layer {name!r} of the {role}: its recorded output carries no gradient (it ran under "
-                "no_grad, e.g. inside torch.utils.checkpoint with use_reentrant=True, or in a frozen "
-                "part of the model), so its pairs' alignment cannot train the model through it. With "
-                "checkpointing, use use_reentrant=False.", RuntimeWarning, stacklevel=5,
-            )
+            _warn(name, role, "its recorded output carries no gradient (it ran under no_grad, e.g. inside "
+                  "torch.utils.checkpoint with use_reentrant=True, or in a frozen part of the model), so its "
+                  "pairs' alignment cannot train the model through it. With checkpointing, use "
+                  "use_reentrant=False.", 5)
         missing = [name for name in self.names if name not in acts]
         if missing:
             raise CaptureError(
@@ -351,6 +346,11 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _warn(layer: str, role: str, message: str, stacklevel: int) -> None:
+    """A RuntimeWarning about one layer, shown at the frame ``stacklevel`` above the caller."""
+    warnings.warn(f"layer {layer!r} of the {role}: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def input_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
