@@ -57,3 +57,30 @@ def test_compiled_tokens_pair_equals_the_uncompiled_step():
 def test_compile_must_be_a_bool():
     with pytest.raises(GuidanceError, match="compile must be True or False"):
         rg.Guidance(mlp(), cnn(), compile="yes")
+
+
+def test_a_compiled_target_is_probed_eagerly_under_its_original_layer_names():
+    """A target wrapped by ``torch.compile``: discovery runs the original module (no graph is
+    compiled for its probing hooks, which used to recompile once per layer up to dynamo's limit),
+    its layers go by the original names, a prefixed name given by hand means the same layer, and a
+    guided step gives the uncompiled loss and gradients."""
+    torch.manual_seed(0)
+    target, guide, x = mlp(), cnn(), torch.randn(8, 1, 8, 8)
+    eager_loss, eager_grads = _alignment(target, guide, x, False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(copy.deepcopy(target), backend="eager")
+    assert rg.layers(compiled, x) == rg.layers(target, x)
+    assert counters["stats"]["unique_graphs"] == 0
+    guidance = rg.Guidance(compiled, copy.deepcopy(guide))
+    out = guidance(x)
+    out.loss.backward()
+    assert [p.target for p in guidance.pairs] == [p.target for p in rg.Guidance(target, guide, example_input=x).pairs]
+    assert counters["stats"]["unique_graphs"] >= 1  # the step itself went through dynamo
+    torch.testing.assert_close(out.loss.detach(), eager_loss)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled.get_submodule("_orig_mod").get_parameter(name).grad, grad)
+    first = guidance.pairs[0].target
+    by_hand = rg.Guidance(compiled, copy.deepcopy(guide), pairs=[(f"_orig_mod.{first}", guidance.pairs[0].guide)])
+    by_hand(x)
+    assert by_hand.pairs[0].target == first

@@ -11,7 +11,15 @@ from repguide.capture._discovery import (
     layers,
     no_side_effects,
 )
-from repguide.capture._hooks import REDUCTIONS, Capture, first_tensor, input_batch_size, reduce
+from repguide.capture._hooks import (
+    REDUCTIONS,
+    Capture,
+    first_tensor,
+    input_batch_size,
+    plain_name,
+    reduce,
+    uncompiled,
+)
 from repguide.capture._recurrent import layer_name
 
 __all__ = [
@@ -28,5 +36,7 @@ __all__ = [
     "layer_name",
     "layers",
     "no_side_effects",
+    "plain_name",
     "reduce",
+    "uncompiled",
 ]

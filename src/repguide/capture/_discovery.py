@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from repguide.capture._hooks import _CONTAINERS, _Normaliser, first_tensor, input_batch_size
+from repguide.capture._hooks import _CONTAINERS, _Normaliser, first_tensor, input_batch_size, uncompiled
 from repguide.capture._recurrent import is_stacked, layer_by_layer, layer_name
 from repguide.errors import LayerError
 
@@ -216,6 +216,7 @@ def discover(
     so it is found even when another axis has the batch size. Layers whose output has no such axis are not
     candidates; a model with no candidate at all is an error that says what to do.
     """
+    model = uncompiled(model)  # probed eagerly, its layers named as the original module names them
     n = input_batch_size(example_args, example_kwargs, input_batch_axis)
     chosen, stacked, looked_for = _candidates(model, layers, types)
     order, final, overwritten = _probe(model, chosen, stacked, example_args, example_kwargs)

@@ -53,6 +53,27 @@ _CHANNELS_FIRST_1D = (
 )
 
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, or ``model`` itself when it is not compiled.
+
+    A compiled module names its layers ``_orig_mod.<name>``; repguide names them as the original
+    module does, and probes them on it, eagerly (hooks added and removed inside a compiled forward
+    recompile it once per layer).
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
+def plain_name(model: nn.Module, name: str) -> str:
+    """``name`` without the ``_orig_mod.`` prefix when ``model`` is compiled."""
+    if uncompiled(model) is not model and name.startswith(_COMPILED_PREFIX):
+        return name[len(_COMPILED_PREFIX):]
+    return name
+
+
 def first_tensor(output: Any) -> Tensor | PackedSequence | None:
     """The first tensor (or ``PackedSequence``) in ``output``, depth first through sequences and
     mappings; None if it holds none."""

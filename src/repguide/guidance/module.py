@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repguide.capture import Capture, discover, first_tensor, input_batch_size, reduce
+from repguide.capture import Capture, discover, first_tensor, input_batch_size, plain_name, reduce
 from repguide.errors import GuidanceError
 from repguide.pairing import Pair, PairSpec, resolve_pairs
 from repguide.guidance._checks import check_options, check_weight, set_guide_mode
@@ -162,7 +162,8 @@ class Guidance(Diagnosable, nn.Module):
         self._guide_hooks: list = []
         self._guide_stream: GuideStream | None = None  # while the guide runs
         self._guide_float64 = False
-        self._batch_axes = {"target": dict(target_batch_axes or {}), "guide": dict(guide_batch_axes or {})}
+        self._batch_axes = {role: {plain_name(model, name): axis for name, axis in (axes or {}).items()} for role, model, axes
+                            in (("target", target, target_batch_axes), ("guide", guide, guide_batch_axes))}
         self._overwritten: dict[str, dict[str, bool]] = {"target": {}, "guide": {}}  # seen by discovery
         self._pair_spec = pairs
         self._pairs: list[Pair] | None = None
@@ -225,7 +226,8 @@ class Guidance(Diagnosable, nn.Module):
             capture.remove()
         for handle in self._guide_hooks:
             handle.remove()
-        self._pairs = pairs
+        self._pairs = pairs = [  # a compiled network's layers go by the original module's names
+            Pair(plain_name(self.target, p.target), plain_name(self.guide, p.guide), p.weight) for p in pairs]
         self._captures = {
             role: Capture(model, [getattr(p, role) for p in pairs], self._batch_axes[role], role,
                           self._overwritten[role])
