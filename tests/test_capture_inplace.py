@@ -205,14 +205,23 @@ def test_an_output_that_starts_to_be_changed_in_place_is_copied_from_then_on_wit
         warnings.simplefilter("error")
         with capture.record(len(X)) as acts:
             model(X)
-    with pytest.warns(RuntimeWarning, match="'fc'.*changed its output in place"):
+    with pytest.warns(RuntimeWarning, match="'fc'.*changed its output in place") as seen:
         with capture.record(len(X)) as acts:
             model(X)
+    assert [w.filename for w in seen] == [__file__]  # the user's `with` line, not repguide's
     with capture.record(len(X)) as acts:
         model(X)
     want = model.fc(X.flatten(1)).detach()
     assert torch.equal(acts["fc"].detach(), want)  # the pre-ReLU output
     assert (want < 0).any()
+
+    # Through a guided step the warning points at the user's call too, not at repguide's forward.
+    model.calls = -4  # its first forwards (the probes, the first steps) leave the output as it is
+    guidance = rg.Guidance(model, nn.Sequential(nn.Flatten(), nn.Linear(48, 8)), pairs=[("fc", "1")])
+    with pytest.warns(RuntimeWarning, match="'fc'.*changed its output in place") as seen:
+        for _ in range(6):
+            guidance(X)
+    assert [w.filename for w in seen] == [__file__]
 
 
 def test_recording_under_inference_mode_works():

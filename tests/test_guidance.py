@@ -437,3 +437,4 @@ def test_checkpointed_blocks_train_as_plain_ones_or_warn_that_they_cannot():
         step(True, 0)
     warned = [str(w.message) for w in seen if "carries no gradient" in str(w.message)]
     assert len(warned) == 3 and "'blocks.2'" in warned[2]  # once for each layer
+    assert {w.filename for w in seen if "carries no gradient" in str(w.message)} == {__file__}  # step()'s call

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -321,7 +323,7 @@ class Capture:
                 self._copied.add(name)
                 _warn(name, self.role, "an op after it changed its output in place (e.g. "
                       "nn.ReLU(inplace=True), `x += y`), which earlier forwards did not; this forward "
-                      "compared the changed values. From the next forward on the layer is copied as it runs.", 4)
+                      "compared the changed values. From the next forward on the layer is copied as it runs.")
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -353,7 +355,7 @@ class Capture:
             _warn(name, role, "its recorded output carries no gradient (it ran under no_grad, e.g. inside "
                   "torch.utils.checkpoint with use_reentrant=True, or in a frozen part of the model), so its "
                   "pairs' alignment cannot train the model through it. With checkpointing, use "
-                  "use_reentrant=False.", 5)
+                  "use_reentrant=False.")
         missing = [name for name in self.names if name not in acts]
         if missing:
             raise CaptureError(
@@ -369,9 +371,29 @@ class Capture:
         self._handles = []
 
 
-def _warn(layer: str, role: str, message: str, stacklevel: int) -> None:
-    """A RuntimeWarning about one layer, shown at the frame ``stacklevel`` above the caller."""
-    warnings.warn(f"layer {layer!r} of the {role}: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
+def _warn(layer: str, role: str, message: str) -> None:
+    """A RuntimeWarning about one layer, shown at the caller's line that ran the model."""
+    warnings.warn(f"layer {layer!r} of the {role}: {message}", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+_REPGUIDE = os.path.dirname(os.path.dirname(__file__)) + os.sep
+_BETWEEN = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(contextlib.__file__) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the user's line that
+    ran repguide: the caller of the outermost repguide frame, past torch's and the standard
+    library's frames (a module call, a ``with`` block's exit). A hook that fires inside someone
+    else's model (a Hugging Face block) still points at the line that called the guided step."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append(frame.f_code.co_filename)
+        frame = frame.f_back
+    outermost = max(i for i, name in enumerate(frames) if name.startswith(_REPGUIDE) or i == 0)
+    level = outermost + 1
+    while level < len(frames) - 1 and frames[level].startswith(_BETWEEN):
+        level += 1
+    return level + 1
 
 
 def input_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
