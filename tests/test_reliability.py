@@ -525,8 +525,9 @@ def test_a_batch_of_two_and_a_pair_stuck_at_1_warn_when_metrics_are_logged_once_
     stuck = AlignmentWatch(16, [column])
     for value in (0.9995, 1.0):
         stuck.observe({column: value})
-    with pytest.warns(UserWarning, match=r"pair 0\|1 stayed at 0.9995 or above over the last 2 steps"):
+    with pytest.warns(UserWarning, match=r"pair 0\|1 stayed at 0.9995 or above over the last 2 steps") as seen:
         stuck.warn()
+    assert [w.filename for w in seen] == [__file__]  # the caller's line, not repguide's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stuck.observe({column: 1.0})

@@ -9,6 +9,10 @@ user's code keeps working.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 __all__ = [
     "ArgumentError",
     "CaptureError",
@@ -90,3 +94,26 @@ class GuideError(RepguideError, ValueError):
 
 class NonFiniteError(RepguideError, FloatingPointError):
     """Training produced a NaN or infinite loss, similarity or gradient."""
+
+
+_REPGUIDE = os.path.dirname(__file__) + os.sep
+_STDLIB = os.path.dirname(contextlib.__file__) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the user's line that
+    ran repguide: the caller of the outermost repguide frame, past torch's and the standard
+    library's frames (a module call, a ``with`` block's exit). A hook that fires inside someone
+    else's model (a Hugging Face block) still points at the line that called the guided step."""
+    import torch  # (imported by then; errors.py itself stays free of it)
+
+    between = (os.path.dirname(torch.__file__) + os.sep, _STDLIB)
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append(frame.f_code.co_filename)
+        frame = frame.f_back
+    outermost = max(i for i, name in enumerate(frames) if name.startswith(_REPGUIDE) or i == 0)
+    level = outermost + 1
+    while level < len(frames) - 1 and frames[level].startswith(between):
+        level += 1
+    return level + 1

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from repguide import data as datasets
 from repguide.capture import first_tensor
 from repguide.config import GuidanceConfig, OptimConfig, RunConfig, TrainConfig
-from repguide.errors import ConfigError, NonFiniteError
+from repguide.errors import ConfigError, NonFiniteError, user_stacklevel
 from repguide.guidance import Guidance, noise_like
 
 __all__ = [
@@ -336,7 +336,7 @@ class AlignmentWatch:
             warnings.warn(
                 f"guidance aligns {self.aligned} examples at a time: with n <= 2 every similarity of "
                 "centred activations is 1 (or 0) whatever the layers, so the alignment term has no "
-                "gradient; raise train.batch_size", stacklevel=2,
+                "gradient; raise train.batch_size", stacklevel=user_stacklevel(),
             )
         elif self.aligned > 2:
             for column, low in self._low.items():
@@ -346,6 +346,6 @@ class AlignmentWatch:
                         f"the similarity of pair {column.removeprefix('sim:')} stayed at "
                         f"{low:.4f} or above over the last {self._steps} steps: its alignment loss "
                         "is about 0 and gives the target almost no gradient (the layers already "
-                        "match, or a layer is degenerate)", stacklevel=2,
+                        "match, or a layer is degenerate)", stacklevel=user_stacklevel(),
                     )
         self._low, self._steps = {}, 0

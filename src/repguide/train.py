@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from repguide import data as datasets
 from repguide.build import build_data, build_model, first_mismatch, load_guide, weights_hash
 from repguide.config import RunConfig, diff_keys, resume_essentials, upgrade
-from repguide.errors import ConfigError
+from repguide.errors import ConfigError, user_stacklevel
 from repguide.guidance import Constant, Guidance, GuideFeatureCache, OffAfter, PairDiagnostic
 from repguide.runs import CheckpointError, MetricsLog, RunDir, atomic_save
 from repguide.steps import (
@@ -184,7 +184,7 @@ def _set_up(fabric, config: RunConfig, run: RunDir) -> _Training:
         run.write_json("pairs.json", [d.as_dict() for d in report])
         for d in report:
             if d.warning:
-                warnings.warn(f"pair ({d.target}, {d.guide}) {d.warning} (see {run.path / 'pairs.json'})", stacklevel=2)
+                warnings.warn(f"pair ({d.target}, {d.guide}) {d.warning} (see {run.path / 'pairs.json'})", stacklevel=user_stacklevel())
     model, optimizer = fabric.setup(target, _optimizer(oc, target.parameters()))
     if guide is not None:
         guide = fabric.to_device(guide).eval()

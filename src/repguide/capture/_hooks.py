@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from repguide._registry import did_you_mean
 from repguide.capture._recurrent import layer_by_layer, stacked_layer, stacked_layer_names
-from repguide.errors import CaptureError, LayerError
+from repguide.errors import CaptureError, LayerError, user_stacklevel
 
 #: How a layer's activation becomes the (n, d) matrix a similarity measure compares.
 REDUCTIONS = ("flatten", "mean", "tokens")
@@ -374,26 +372,6 @@ class Capture:
 def _warn(layer: str, role: str, message: str) -> None:
     """A RuntimeWarning about one layer, shown at the caller's line that ran the model."""
     warnings.warn(f"layer {layer!r} of the {role}: {message}", RuntimeWarning, stacklevel=user_stacklevel())
-
-
-_REPGUIDE = os.path.dirname(os.path.dirname(__file__)) + os.sep
-_BETWEEN = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(contextlib.__file__) + os.sep)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by the caller point at the user's line that
-    ran repguide: the caller of the outermost repguide frame, past torch's and the standard
-    library's frames (a module call, a ``with`` block's exit). A hook that fires inside someone
-    else's model (a Hugging Face block) still points at the line that called the guided step."""
-    frames, frame = [], sys._getframe(1)
-    while frame is not None:
-        frames.append(frame.f_code.co_filename)
-        frame = frame.f_back
-    outermost = max(i for i, name in enumerate(frames) if name.startswith(_REPGUIDE) or i == 0)
-    level = outermost + 1
-    while level < len(frames) - 1 and frames[level].startswith(_BETWEEN):
-        level += 1
-    return level + 1
 
 
 def input_batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], axis: int = 0) -> int:
