@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import repguide as rg
-from repguide.errors import GuidanceError
+from repguide.errors import GuidanceError, LayerError
 
 from _nets import cnn, mlp
 
@@ -84,3 +84,13 @@ def test_a_compiled_target_is_probed_eagerly_under_its_original_layer_names():
     by_hand = rg.Guidance(compiled, copy.deepcopy(guide), pairs=[(f"_orig_mod.{first}", guidance.pairs[0].guide)])
     by_hand(x)
     assert by_hand.pairs[0].target == first
+
+
+def test_a_compiled_target_sharing_a_module_with_the_guide_is_named_as_the_original():
+    shared = nn.Linear(10, 8)
+    target = torch.compile(nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 3)), backend="eager")
+    guide = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 5))
+    with pytest.raises(GuidanceError, match=r"the guide shares the target's module '0' \(the guide's '0'\)"):
+        rg.Guidance(target, torch.compile(guide, backend="eager"))
+    with pytest.raises(LayerError, match=r"the target has no layer named 'nope'.* Its modules: 0, 1, 2 "):
+        rg.Guidance(target, nn.Sequential(nn.Linear(10, 8), nn.ReLU()), pairs=[("nope", "0")])

@@ -151,7 +151,8 @@ class _LayerRef:
     layer, the layer's index (else None)."""
 
     def __init__(self, model: nn.Module, name: str, role: str = "model"):
-        base, _, call = name.partition("@")
+        base, _, call = plain_name(model, name).partition("@")
+        model = uncompiled(model)  # (the same modules; its names are the ones users know)
         self.name, self.base = name, base
         self.call = int(call) if call else 0
         self.layer: int | None = None

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from repguide.capture import LAYER_RULES, REDUCTIONS
+from repguide.capture import LAYER_RULES, REDUCTIONS, uncompiled
 from repguide.errors import GuidanceError
 
 __all__ = ["GUIDE_MODES", "PRECISIONS", "check_not_shared", "check_options", "check_weight", "set_guide_mode"]
@@ -76,6 +76,7 @@ def check_weight(value: Any, where: str) -> float:
 def check_not_shared(target: nn.Module, guide: nn.Module) -> None:
     """Refuse a guide that holds one of the target's modules, parameters or buffers: freezing it
     would stop the target's training, and training it would change the guide."""
+    target, guide = uncompiled(target), uncompiled(guide)  # named as the user's own modules
     guide_modules = {id(m): name for name, m in guide.named_modules(remove_duplicate=False)}
     guide_tensors = {
         id(t): name
