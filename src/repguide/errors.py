@@ -97,17 +97,18 @@ class NonFiniteError(RepguideError, FloatingPointError):
 
 
 _REPGUIDE = os.path.dirname(__file__) + os.sep
-_STDLIB = os.path.dirname(contextlib.__file__) + os.sep
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller point at the user's line that
-    ran repguide: the caller of the outermost repguide frame, past torch's and the standard
-    library's frames (a module call, a ``with`` block's exit). A hook that fires inside someone
-    else's model (a Hugging Face block) still points at the line that called the guided step."""
+    ran repguide: the caller of the outermost repguide frame, past torch's frames and the standard
+    library's ``contextlib`` frames (a module call, a ``with`` block's exit). A hook that fires
+    inside someone else's model (a Hugging Face block) still points at the line that called the
+    guided step. (Only contextlib's own file: a conda or system Python keeps site-packages, and so
+    other libraries and the user's installed code, under the standard library's folder.)"""
     import torch  # (imported by then; errors.py itself stays free of it)
 
-    between = (os.path.dirname(torch.__file__) + os.sep, _STDLIB)
+    between = (os.path.dirname(torch.__file__) + os.sep, contextlib.__file__)
     frames, frame = [], sys._getframe(1)
     while frame is not None:
         frames.append(frame.f_code.co_filename)
